@@ -1,0 +1,156 @@
+"""Data: load a whole image set into one uint8 tensor, then serve batches by step number.
+
+Small image sets (CIFAR-10 is 150 MB as uint8) fit in memory, even in GPU memory, so the
+training loop never waits for a loader. Batches are a pure function of (seed, step): the
+permutation of epoch e is drawn from seed + e, and step s takes the s-th slice of it. That
+makes resume exact (the data order continues where it stopped), gives the baseline and the
+dispersive run of an A/B the very same batches, and lets a run resume on another number of
+GPUs (each rank takes its share of the same global batch).
+"""
+import gzip
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DATASETS = ("cifar10", "fashion-mnist", "mnist", "folder")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DataError(Exception):
+    """Bad or missing data: the message says which flag fixes it."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor      # (N, C, H, W) uint8
+    labels: torch.Tensor      # (N,) long
+    num_classes: int
+    classes: list
+    flip: bool                # random horizontal flips suit this data
+
+
+def load_dataset(name, path, image_size=None):
+    if name == "cifar10":
+        return _torchvision_set("CIFAR10", path, flip=True)
+    if name in ("fashion-mnist", "mnist"):
+        return _mnist_like(name, path)
+    if name == "folder":
+        return _image_folder(path, image_size)
+    raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+def _torchvision_set(cls_name, path, flip):
+    import torchvision
+    try:
+        ds = getattr(torchvision.datasets, cls_name)(path, train=True, download=True)
+    except Exception as e:  # no internet, a corrupt archive, a read-only directory ...
+        raise DataError(f"could not find or download {cls_name} under --data-path {path!r} ({type(e).__name__}: {e}). "
+                        f"Point --data-path at a directory that holds it, or use --data folder for an image folder.") from None
+    images = torch.as_tensor(np.asarray(ds.data))
+    images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)   # (N, C, H, W)
+    return ImageSet(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), len(ds.classes), list(ds.classes), flip)
+
+
+def _read_idx(path):
+    """The IDX format of (Fashion-)MNIST: a 4-byte magic whose last byte is the rank, one
+    big-endian int32 per dimension, then uint8 data."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _mnist_like(name, path):
+    # A directory that holds the IDX files themselves (as Debian's dataset-fashion-mnist
+    # package installs them) is read directly; anything else goes through torchvision.
+    for ext in ("", ".gz"):
+        img, lab = (os.path.join(path, f"train-{k}-idx{n}-ubyte{ext}") for k, n in (("images", 3), ("labels", 1)))
+        if os.path.isfile(img) and os.path.isfile(lab):
+            images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
+            labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
+            classes = [str(i) for i in range(10)]
+            return ImageSet(images, labels, 10, classes, flip=(name == "fashion-mnist"))
+    ds = _torchvision_set("FashionMNIST" if name == "fashion-mnist" else "MNIST", path, flip=(name == "fashion-mnist"))
+    return ds
+
+
+def _image_folder(path, image_size):
+    """ImageFolder layout: one sub-directory per class, images inside. Everything is decoded
+    once, up front. Grayscale-only sets stay 1-channel; a set mixing modes becomes RGB."""
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    if not path or not os.path.isdir(path):
+        raise DataError(f"--data-path {path!r} is not a directory; --data folder needs one sub-directory of images per class")
+    classes = sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
+    files = []
+    for ci, c in enumerate(classes):
+        for root, _, names in sorted(os.walk(os.path.join(path, c))):
+            files += [(os.path.join(root, n), ci) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+    if not files:
+        raise DataError(f"no images found in --data-path {path!r}: expected one sub-directory per class with image files "
+                        f"({', '.join(IMAGE_EXTS)})")
+    pics, modes = [], set()
+    for f, _ in tqdm(files, desc=f"decoding {len(files)} images", disable=len(files) < 5000):
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(f"cannot read image {f!r} ({e}); remove it from --data-path") from None
+        pics.append(im)
+        modes.add("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+    mode = "L" if modes == {"L"} else "RGB"
+    arrays = []
+    for (f, _), im in zip(files, pics):
+        im = im.convert(mode)
+        if image_size:
+            im = _center_crop(im, image_size)
+        elif im.size != pics[0].size:
+            raise DataError(f"images differ in size ({files[0][0]!r} is {pics[0].size}, {f!r} is {im.size}); "
+                            f"pass --image-size to resize and centre-crop them all")
+        arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], -1))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([c for _, c in files], dtype=torch.long)
+    return ImageSet(images, labels, len(classes), classes, flip=True)
+
+
+def _center_crop(im, size):
+    """ADM's centre crop: resize the short side to `size` (box filter while far too large,
+    then bicubic), then cut the centre square."""
+    from PIL import Image
+    while min(im.size) >= 2 * size:
+        im = im.resize(tuple(x // 2 for x in im.size), resample=Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize(tuple(round(x * scale) for x in im.size), resample=Image.BICUBIC)
+    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+class BatchStream:
+    """Which samples each rank trains on at each step; a pure function of (seed, step)."""
+
+    def __init__(self, n, global_batch, seed, rank=0, world=1):
+        if global_batch > n:
+            raise DataError(f"--batch-size {global_batch} is larger than the data set ({n} samples)")
+        if global_batch % world:
+            raise DataError(f"--batch-size {global_batch} is not divisible by the number of processes ({world})")
+        self.n, self.global_batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
+        self.steps_per_epoch = n // global_batch      # the last partial batch of an epoch is dropped
+        self._perm_epoch, self._perm = None, None
+
+    def indices(self, step):
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm_epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        local = self.global_batch // self.world
+        start = i * self.global_batch + self.rank * local
+        return self._perm[start:start + local]
+
+
+def to_model_range(x_uint8):
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x_uint8.float().div_(127.5).sub_(1.0)

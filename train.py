@@ -1,0 +1,332 @@
+"""Train a DiT with flow matching, plus the dispersive loss on one block's hidden states.
+
+    python train.py --disp-weight 0.5                  # CIFAR-10, DiT-S/2, dispersive
+    python train.py --disp-weight 0                    # the baseline
+    torchrun --nproc_per_node 8 train.py ...           # several GPUs (DDP)
+
+Everything a run writes goes to --out: metrics.jsonl (the configuration, versions and
+device first, then one line per log step), samples/ (grids of EMA samples) and
+checkpoints/ (plain-dict checkpoints, written atomically). Re-run the same command with
+--resume to continue a run exactly where it stopped.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import DATASETS, BatchStream, load_dataset, to_model_range
+from loss import VARIANTS, dispersive_loss, mean_sq_dist, training_losses
+from model import MODELS, build_model
+from sample import generate, grid_labels, save_grid
+from utils import (UserError, autocast, find_resume_checkpoint, list_checkpoints, pick_device, run_main,
+                   save_atomic)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # the method (paper defaults: lambda = 0.5, tau = 0.5, block depth // 4, InfoNCE-L2)
+    a("--disp-weight", type=float, default=0.5, help="lambda, weight of the dispersive loss; 0 trains the baseline")
+    a("--disp-tau", type=float, default=0.5, help="temperature tau of the dispersive loss")
+    a("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or 'all' "
+      "(default: depth // 4, the paper's choice; the released PyTorch code used 'last')")
+    a("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the dispersive loss")
+    # model and data
+    a("--model", default="DiT-S/2", choices=list(MODELS), metavar="MODEL", help=f"model size: {', '.join(MODELS)}")
+    a("--data", default="cifar10", choices=DATASETS, help="data set; 'folder' reads any ImageFolder-layout directory")
+    a("--data-path", default="data", help="where the data set is (or is downloaded to)")
+    a("--image-size", type=int, default=None, help="resize and centre-crop folder images to this size (default: keep)")
+    a("--unconditional", action="store_true", help="ignore the labels (no guidance possible)")
+    a("--p-uncond", type=float, default=0.1, help="share of labels dropped to the null class, for guidance")
+    # optimisation
+    a("--batch-size", type=int, default=128, help="global batch size, split across GPUs")
+    a("--steps", type=int, default=400_000, help="total training steps")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate (constant after the warmup)")
+    a("--warmup-steps", type=int, default=1000, help="linear learning-rate warmup")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    a("--ema-decay", type=float, default=0.9999, help="EMA decay (ramped up from 0.1 as (1+s)/(10+s) early on)")
+    a("--seed", type=int, default=0, help="seed for the weights, data order and noise")
+    # run
+    a("--out", default=None, help="run directory (default: runs/<data>_<model>_w<disp-weight>_s<seed>)")
+    a("--resume", nargs="?", const="", default=None, metavar="PATH",
+      help="continue a run: a checkpoint file, a run directory, or nothing for --out's newest checkpoint")
+    a("--compile", action="store_true", help="torch.compile the model (GPU: faster after a minute of compiling)")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    a("--log-every", type=int, default=50, help="steps between log lines (the only host-device syncs)")
+    a("--sample-every", type=int, default=5000, help="steps between grids of EMA samples (0: never)")
+    a("--sample-steps", type=int, default=50, help="Euler steps for those grids")
+    a("--sample-cfg", type=float, default=1.0, help="guidance scale for those grids")
+    a("--ckpt-every", type=int, default=10_000, help="steps between checkpoints (one is always written at the end)")
+    a("--keep-ckpts", type=int, default=3, help="how many recent checkpoints to keep (0: all)")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    for name in ("disp_weight", "lr", "weight_decay", "grad_clip", "p_uncond"):
+        v = getattr(args, name)
+        if not math.isfinite(v) or v < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if not math.isfinite(args.disp_tau) or args.disp_tau <= 0:
+        raise UserError(f"--disp-tau must be a finite number > 0, got {args.disp_tau}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    for name in ("batch_size", "steps", "log_every", "sample_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.disp_weight > 0 and args.batch_size == 1:
+        print("warning: with --batch-size 1 the dispersive loss is constant (0) and does nothing", file=sys.stderr)
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}_w{args.disp_weight:g}_s{args.seed}")
+
+
+def parse_blocks(spec, depth):
+    """--disp-block -> a tuple of block numbers in [1, depth]."""
+    if spec is None:
+        return (max(1, depth // 4),)
+    if spec == "last":
+        return (depth,)
+    if spec == "all":
+        return tuple(range(1, depth + 1))
+    try:
+        blocks = tuple(sorted({int(s) for s in spec.split(",")}))
+    except ValueError:
+        raise UserError(f"--disp-block {spec!r}: expected N, N,M,..., 'last' or 'all'") from None
+    if not all(1 <= b <= depth for b in blocks):
+        raise UserError(f"--disp-block {spec!r} is out of range: this model has blocks 1..{depth}")
+    return blocks
+
+
+class Logger:
+    """metrics.jsonl in the run directory; rank 0 only."""
+
+    def __init__(self, path, enabled, keep_until_step=None):
+        self.enabled, self.path = enabled, path
+        if enabled and keep_until_step is not None and os.path.exists(path):
+            # Resuming: drop what the interrupted run logged after its last checkpoint, so
+            # the log reads as one uninterrupted run.
+            with open(path) as f:
+                lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= keep_until_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(path + ".tmp", path)
+
+    def __call__(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def main(argv=None):
+    args = get_args(argv)
+
+    # --- processes and device ------------------------------------------------------------
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() and args.device in ("auto", "cuda") else pick_device(args.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        rank, world, device = 0, 1, pick_device(args.device)
+    main_proc = rank == 0
+    torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32
+    torch.backends.cudnn.allow_tf32 = True
+
+    # --- run directory -------------------------------------------------------------------
+    resume_path, ckpt = None, None
+    if args.resume is not None:
+        resume_path, ckpt = find_resume_checkpoint(args.resume or args.out)
+    elif list_checkpoints(args.out):
+        raise UserError(f"run directory {args.out!r} already has checkpoints; add --resume to continue it, "
+                        f"or choose another --out")
+    if main_proc:
+        try:
+            os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
+            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+            probe = os.path.join(args.out, ".write_test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to --out {args.out!r}: {e.strerror}") from None
+
+    # --- data: the whole set as uint8 on the training device -----------------------------
+    if ddp and not main_proc:
+        dist.barrier()                              # let rank 0 download first
+    data = load_dataset(args.data, args.data_path, args.image_size)
+    if ddp and main_proc:
+        dist.barrier()
+    images, labels = data.images.to(device), data.labels.to(device)
+    N, C, H, W = images.shape
+    if H != W:
+        raise UserError(f"images are {H}x{W}; the model needs square images (use --image-size)")
+    num_classes = 0 if args.unconditional else data.num_classes
+
+    # --- model, EMA, optimiser -----------------------------------------------------------
+    torch.manual_seed(args.seed)
+    try:
+        model = build_model(args.model, H, C, num_classes).to(device)
+    except ValueError as e:
+        raise UserError(f"{e} (model {args.model}, data {H}x{W}); use --image-size or another --model") from None
+    disp_blocks = parse_blocks(args.disp_block, model.depth)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    model_config = {"name": args.model, "image_size": H, "in_channels": C, "num_classes": num_classes}
+    start_step = 0
+    if ckpt is not None:
+        for k, v in model_config.items():
+            if ckpt["model_config"].get(k) != v:
+                raise UserError(f"checkpoint {resume_path!r} does not match this run: its {k} is "
+                                f"{ckpt['model_config'].get(k)!r}, this run's is {v!r}")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])       # after the optimiser exists (the released code did it before)
+        start_step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if main_proc:
+            print(f"resumed from {resume_path} at step {start_step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    if args.compile:
+        net = torch.compile(net)
+
+    log = Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start_step if ckpt else None)
+    log(type="config", step=start_step, args=vars(args), model_config=model_config, params=n_params,
+        disp_blocks=list(disp_blocks), world_size=world, resumed_from=resume_path,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()})",
+        versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda})
+
+    def save_checkpoint(step):
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"weights are not finite at step {step}; not saving (earlier checkpoints are intact)")
+        if main_proc:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                     "args": vars(args), "model_config": model_config, "classes": data.classes,
+                     "rng": {"torch": torch.get_rng_state()}, "versions": {"torch": str(torch.__version__)}}
+            path = os.path.join(args.out, "checkpoints", f"step_{step:07d}.pt")
+            save_atomic(state, path)
+            for old in list_checkpoints(args.out)[args.keep_ckpts:] if args.keep_ckpts else []:
+                os.remove(old)
+            return path
+
+    # SIGINT / SIGTERM (Ctrl-C, a scheduler's pre-emption): finish the step, save, exit.
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+
+    # --- the loop ------------------------------------------------------------------------
+    stream = BatchStream(N, args.batch_size, args.seed, rank, world)
+    local = args.batch_size // world
+    mine = slice(rank * local, (rank + 1) * local)
+    gen = torch.Generator(device)
+    first_bad = torch.full((2,), -1, device=device)      # first step each term was non-finite
+    pbar = tqdm(total=args.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True)
+    t_last, step_last = time.perf_counter(), start_step
+    net.train()
+    for step in range(start_step, args.steps):
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = stream.indices(step).to(device)
+        x, y = to_model_range(images[idx]), labels[idx]
+        if num_classes == 0:
+            y = torch.zeros_like(y)
+        # All randomness of a step comes from (seed, step) and is drawn for the whole global
+        # batch, each rank taking its slice: a run gives the same numbers on 1 or 8 GPUs,
+        # and resumes exactly.
+        gen.manual_seed(args.seed * 1_000_003 + step)
+        B = args.batch_size
+        flip = (torch.rand(B, device=device, generator=gen) < 0.5)[mine]
+        eps = torch.randn((B, C, H, W), device=device, generator=gen)[mine]
+        t = torch.rand(B, device=device, generator=gen)[mine]
+        drop = (torch.rand(B, device=device, generator=gen) < args.p_uncond)[mine]
+        if data.flip:
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+
+        log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        with autocast(device):
+            losses = training_losses(net, x, y, disp_weight=args.disp_weight, disp_tau=args.disp_tau,
+                                     disp_blocks=disp_blocks, disp_variant=args.disp_variant,
+                                     null_label=num_classes if num_classes else None, p_uncond=args.p_uncond,
+                                     eps=eps, t=t, drop=drop, return_feats=log_now)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+        bad = ~torch.isfinite(torch.stack([losses["flow"].detach(), losses["disp"].detach()]))
+        first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
+        done = step + 1
+
+        if log_now:
+            with torch.no_grad():   # diagnostics of the regularised block(s), even at weight 0
+                feats = losses["feats"]
+                diag = torch.stack([torch.stack([dispersive_loss(f, args.disp_variant, args.disp_tau) for f in feats]).mean(),
+                                    torch.stack([mean_sq_dist(f) for f in feats]).mean()])
+            vals = torch.cat([torch.stack([losses["flow"], losses["disp"], losses["total"]]).detach().float(), diag])
+            if ddp:
+                dist.all_reduce(vals)
+                vals /= world
+                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            flow, disp, total, disp_diag, dist_diag = vals.tolist()
+            if (first_bad >= 0).any():
+                names = [n for n, s in zip(("flow", "dispersive"), first_bad.tolist()) if s >= 0]
+                raise UserError(f"the {' and '.join(names)} loss became non-finite at step {int(first_bad.max())}; "
+                                f"stopping (checkpoints on disk are from before)")
+            now = time.perf_counter()
+            ips = (done - step_last) * args.batch_size / (now - t_last)
+            t_last, step_last = now, done
+            log(type="train", step=done, flow=flow, disp=disp, total=total, lr=lr, img_per_s=ips,
+                disp_diag=disp_diag, mean_sq_dist=dist_diag)
+            pbar.set_postfix(flow=f"{flow:.4f}", disp=f"{disp:.4f}", img_s=f"{ips:.0f}")
+        pbar.update(1)
+
+        if main_proc and args.sample_every and done % args.sample_every == 0:
+            ema.eval()
+            g = torch.Generator(device).manual_seed(args.seed)
+            n = (min(num_classes, 16) if num_classes else 8) * 8
+            imgs = generate(ema, grid_labels(num_classes, n).to(device), steps=args.sample_steps,
+                            cfg_scale=args.sample_cfg, generator=g)
+            save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
+        if ddp and done % args.log_every == 0:   # agree on a stop signal at log steps
+            flag = torch.tensor([stop["signal"] is not None], device=device, dtype=torch.int)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and stop["signal"] is None:
+                stop["signal"] = "a signal on another rank"
+        stopping = stop["signal"] is not None and (not ddp or done % args.log_every == 0)
+        if done % args.ckpt_every == 0 or done == args.steps or stopping:
+            if (first_bad >= 0).any():
+                raise UserError(f"a loss became non-finite at step {int(first_bad.max())}; not saving "
+                                f"(checkpoints on disk are from before)")
+            path = save_checkpoint(done)
+            if stopping:
+                if main_proc:
+                    pbar.close()
+                    print(f"stopped by {stop['signal']} at step {done}; saved {path}; continue with --resume")
+                break
+    pbar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)

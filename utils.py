@@ -1,0 +1,137 @@
+"""Small shared pieces: user-facing errors, devices, and checkpoint files.
+
+Checkpoints are plain dicts of tensors, numbers and strings, so they load with
+torch.load(weights_only=True) (the default since PyTorch 2.6), which runs no code from the
+file. They are written atomically: to a temporary file in the same directory, flushed to
+disk, then renamed over the final name, so a crash leaves either the old file or the new
+one, never half of one.
+"""
+import contextlib
+import glob
+import os
+import pickle
+import re
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def run_main(main):
+    """Call main(); turn UserError (and data errors) into one line on stderr and exit 2."""
+    from data import DataError
+    try:
+        main()
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
+    return dev
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slow, MPS support is partial)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint files
+# ----------------------------------------------------------------------------------------
+
+CKPT_RE = re.compile(r"step_(\d+)\.pt$")
+
+
+def save_atomic(obj, path):
+    """torch.save to path.tmp, fsync, rename. On failure (disk full, permissions) the
+    temporary file is removed, the previous checkpoints are untouched, and a UserError says so."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dfd)                # make the rename itself durable
+        finally:
+            os.close(dfd)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"could not write checkpoint {path!r} ({e}); earlier checkpoints are intact") from None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint safely (weights_only=True) with one-line errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = [l.strip() for l in str(e).splitlines() if "Unsupported global" in l] or [""]
+        raise UserError(f"refusing to load {path!r}: it holds pickled Python objects, which could run code "
+                        f"when loaded ({what[0].split(' was not')[0]})") from None
+    except Exception as e:  # truncated or foreign files
+        raise UserError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path!r} is not a checkpoint written by train.py (no 'model' / 'model_config' entries)")
+    return ckpt
+
+
+def list_checkpoints(run_dir):
+    """Complete checkpoints in run_dir/checkpoints, newest first (temporary files are ignored)."""
+    found = []
+    for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")):
+        m = CKPT_RE.search(p)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(path):
+    """--resume PATH: a checkpoint file, or a run directory whose newest readable checkpoint is used."""
+    if os.path.isfile(path):
+        return path, load_checkpoint(path)
+    if not os.path.isdir(path):
+        raise UserError(f"--resume {path!r}: no such file or run directory")
+    for p in list_checkpoints(path):
+        try:
+            return p, load_checkpoint(p)
+        except UserError as e:
+            print(f"warning: skipping unreadable checkpoint ({e})", file=sys.stderr)
+    raise UserError(f"--resume {path!r}: no checkpoint found in {os.path.join(path, 'checkpoints')}")
+
+
+def build_from_checkpoint(ckpt, weights="ema"):
+    """Rebuild the model a checkpoint describes and load its EMA (default) or raw weights."""
+    from model import build_model
+    cfg = ckpt["model_config"]
+    model = build_model(cfg["name"], cfg["image_size"], cfg["in_channels"], cfg["num_classes"])
+    state = ckpt[weights]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit {cfg['name']}: {str(e).splitlines()[0]}") from None
+    return model
