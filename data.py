@@ -30,6 +30,22 @@ class ImageSet:
     classes: list
     flip: bool                # random horizontal flips suit this data
 
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def shape(self):          # (C, H, W) of one sample
+        return tuple(self.images.shape[1:])
+
+    def to(self, device):
+        """Move the whole set to the training device (GPU-resident: no loader, no stalls)."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+    def batch(self, idx, generator=None):
+        """Samples idx as model inputs in [-1, 1], and their labels."""
+        return to_model_range(self.images[idx]), self.labels[idx]
+
 
 def load_dataset(name, path, image_size=None):
     if name == "cifar10":

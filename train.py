@@ -10,6 +10,7 @@ checkpoints/ (plain-dict checkpoints, written atomically). Re-run the same comma
 --resume to continue a run exactly where it stopped.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DATASETS, BatchStream, load_dataset, to_model_range
+from data import DATASETS, BatchStream, load_dataset
 from loss import VARIANTS, dispersive_loss, mean_sq_dist, training_losses
 from model import MODELS, build_model
 from sample import generate, grid_labels, save_grid
@@ -109,6 +110,22 @@ def parse_blocks(spec, depth):
     return blocks
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler pre-empting the job) only raise a flag; the
+    loop finishes its step, saves a checkpoint and exits cleanly. Handlers are restored after."""
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class Logger:
     """metrics.jsonl in the run directory; rank 0 only."""
 
@@ -163,14 +180,13 @@ def main(argv=None):
         except OSError as e:
             raise UserError(f"cannot write to --out {args.out!r}: {e.strerror}") from None
 
-    # --- data: the whole set as uint8 on the training device -----------------------------
+    # --- data: small sets live whole on the training device -----------------------------
     if ddp and not main_proc:
         dist.barrier()                              # let rank 0 download first
-    data = load_dataset(args.data, args.data_path, args.image_size)
+    data = load_dataset(args.data, args.data_path, args.image_size).to(device)
     if ddp and main_proc:
         dist.barrier()
-    images, labels = data.images.to(device), data.labels.to(device)
-    N, C, H, W = images.shape
+    N, (C, H, W) = len(data), data.shape
     if H != W:
         raise UserError(f"images are {H}x{W}; the model needs square images (use --image-size)")
     num_classes = 0 if args.unconditional else data.num_classes
@@ -223,107 +239,101 @@ def main(argv=None):
                 os.remove(old)
             return path
 
-    # SIGINT / SIGTERM (Ctrl-C, a scheduler's pre-emption): finish the step, save, exit.
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
-
     # --- the loop ------------------------------------------------------------------------
-    stream = BatchStream(N, args.batch_size, args.seed, rank, world)
-    local = args.batch_size // world
-    mine = slice(rank * local, (rank + 1) * local)
-    gen = torch.Generator(device)
-    first_bad = torch.full((2,), -1, device=device)      # first step each term was non-finite
-    pbar = tqdm(total=args.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True)
-    t_last, step_last = time.perf_counter(), start_step
-    net.train()
-    for step in range(start_step, args.steps):
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = stream.indices(step).to(device)
-        x, y = to_model_range(images[idx]), labels[idx]
-        if num_classes == 0:
-            y = torch.zeros_like(y)
-        # All randomness of a step comes from (seed, step) and is drawn for the whole global
-        # batch, each rank taking its slice: a run gives the same numbers on 1 or 8 GPUs,
-        # and resumes exactly.
-        gen.manual_seed(args.seed * 1_000_003 + step)
-        B = args.batch_size
-        flip = (torch.rand(B, device=device, generator=gen) < 0.5)[mine]
-        eps = torch.randn((B, C, H, W), device=device, generator=gen)[mine]
-        t = torch.rand(B, device=device, generator=gen)[mine]
-        drop = (torch.rand(B, device=device, generator=gen) < args.p_uncond)[mine]
-        if data.flip:
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    with stop_on_signals() as stop:
+        stream = BatchStream(N, args.batch_size, args.seed, rank, world)
+        local = args.batch_size // world
+        mine = slice(rank * local, (rank + 1) * local)
+        gen = torch.Generator(device)
+        first_bad = torch.full((2,), -1, device=device)      # first step each term was non-finite
+        pbar = tqdm(total=args.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True)
+        t_last, step_last = time.perf_counter(), start_step
+        net.train()
+        for step in range(start_step, args.steps):
+            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = stream.indices(step).to(device)
+            x, y = data.batch(idx)
+            if num_classes == 0:
+                y = torch.zeros_like(y)
+            # All randomness of a step comes from (seed, step) and is drawn for the whole global
+            # batch, each rank taking its slice: a run gives the same numbers on 1 or 8 GPUs,
+            # and resumes exactly.
+            gen.manual_seed(args.seed * 1_000_003 + step)
+            B = args.batch_size
+            flip = (torch.rand(B, device=device, generator=gen) < 0.5)[mine]
+            eps = torch.randn((B, C, H, W), device=device, generator=gen)[mine]
+            t = torch.rand(B, device=device, generator=gen)[mine]
+            drop = (torch.rand(B, device=device, generator=gen) < args.p_uncond)[mine]
+            if data.flip:
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
 
-        log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
-        with autocast(device):
-            losses = training_losses(net, x, y, disp_weight=args.disp_weight, disp_tau=args.disp_tau,
-                                     disp_blocks=disp_blocks, disp_variant=args.disp_variant,
-                                     null_label=num_classes if num_classes else None, p_uncond=args.p_uncond,
-                                     eps=eps, t=t, drop=drop, return_feats=log_now)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-        bad = ~torch.isfinite(torch.stack([losses["flow"].detach(), losses["disp"].detach()]))
-        first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
-        done = step + 1
+            log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+            with autocast(device):
+                losses = training_losses(net, x, y, disp_weight=args.disp_weight, disp_tau=args.disp_tau,
+                                         disp_blocks=disp_blocks, disp_variant=args.disp_variant,
+                                         null_label=num_classes if num_classes else None, p_uncond=args.p_uncond,
+                                         eps=eps, t=t, drop=drop, return_feats=log_now)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+            bad = ~torch.isfinite(torch.stack([losses["flow"].detach(), losses["disp"].detach()]))
+            first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
+            done = step + 1
 
-        if log_now:
-            with torch.no_grad():   # diagnostics of the regularised block(s), even at weight 0
-                feats = losses["feats"]
-                diag = torch.stack([torch.stack([dispersive_loss(f, args.disp_variant, args.disp_tau) for f in feats]).mean(),
-                                    torch.stack([mean_sq_dist(f) for f in feats]).mean()])
-            vals = torch.cat([torch.stack([losses["flow"], losses["disp"], losses["total"]]).detach().float(), diag])
-            if ddp:
-                dist.all_reduce(vals)
-                vals /= world
-                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-            flow, disp, total, disp_diag, dist_diag = vals.tolist()
-            if (first_bad >= 0).any():
-                names = [n for n, s in zip(("flow", "dispersive"), first_bad.tolist()) if s >= 0]
-                raise UserError(f"the {' and '.join(names)} loss became non-finite at step {int(first_bad.max())}; "
-                                f"stopping (checkpoints on disk are from before)")
-            now = time.perf_counter()
-            ips = (done - step_last) * args.batch_size / (now - t_last)
-            t_last, step_last = now, done
-            log(type="train", step=done, flow=flow, disp=disp, total=total, lr=lr, img_per_s=ips,
-                disp_diag=disp_diag, mean_sq_dist=dist_diag)
-            pbar.set_postfix(flow=f"{flow:.4f}", disp=f"{disp:.4f}", img_s=f"{ips:.0f}")
-        pbar.update(1)
+            if log_now:
+                with torch.no_grad():   # diagnostics of the regularised block(s), even at weight 0
+                    feats = losses["feats"]
+                    diag = torch.stack([torch.stack([dispersive_loss(f, args.disp_variant, args.disp_tau) for f in feats]).mean(),
+                                        torch.stack([mean_sq_dist(f) for f in feats]).mean()])
+                vals = torch.cat([torch.stack([losses["flow"], losses["disp"], losses["total"]]).detach().float(), diag])
+                if ddp:
+                    dist.all_reduce(vals)
+                    vals /= world
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+                flow, disp, total, disp_diag, dist_diag = vals.tolist()
+                if (first_bad >= 0).any():
+                    names = [n for n, s in zip(("flow", "dispersive"), first_bad.tolist()) if s >= 0]
+                    raise UserError(f"the {' and '.join(names)} loss became non-finite at step {int(first_bad.max())}; "
+                                    f"stopping (checkpoints on disk are from before)")
+                now = time.perf_counter()
+                ips = (done - step_last) * args.batch_size / (now - t_last)
+                t_last, step_last = now, done
+                log(type="train", step=done, flow=flow, disp=disp, total=total, lr=lr, img_per_s=ips,
+                    disp_diag=disp_diag, mean_sq_dist=dist_diag)
+                pbar.set_postfix(flow=f"{flow:.4f}", disp=f"{disp:.4f}", img_s=f"{ips:.0f}")
+            pbar.update(1)
 
-        if main_proc and args.sample_every and done % args.sample_every == 0:
-            ema.eval()
-            g = torch.Generator(device).manual_seed(args.seed)
-            n = (min(num_classes, 16) if num_classes else 8) * 8
-            imgs = generate(ema, grid_labels(num_classes, n).to(device), steps=args.sample_steps,
-                            cfg_scale=args.sample_cfg, generator=g)
-            save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
-        if ddp and done % args.log_every == 0:   # agree on a stop signal at log steps
-            flag = torch.tensor([stop["signal"] is not None], device=device, dtype=torch.int)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and stop["signal"] is None:
-                stop["signal"] = "a signal on another rank"
-        stopping = stop["signal"] is not None and (not ddp or done % args.log_every == 0)
-        if done % args.ckpt_every == 0 or done == args.steps or stopping:
-            if (first_bad >= 0).any():
-                raise UserError(f"a loss became non-finite at step {int(first_bad.max())}; not saving "
-                                f"(checkpoints on disk are from before)")
-            path = save_checkpoint(done)
-            if stopping:
-                if main_proc:
-                    pbar.close()
-                    print(f"stopped by {stop['signal']} at step {done}; saved {path}; continue with --resume")
-                break
-    pbar.close()
+            if main_proc and args.sample_every and done % args.sample_every == 0:
+                ema.eval()
+                g = torch.Generator(device).manual_seed(args.seed)
+                n = (min(num_classes, 16) if num_classes else 8) * 8
+                imgs = generate(ema, grid_labels(num_classes, n).to(device), steps=args.sample_steps,
+                                cfg_scale=args.sample_cfg, generator=g)
+                save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
+            if ddp and done % args.log_every == 0:   # agree on a stop signal at log steps
+                flag = torch.tensor([stop["signal"] is not None], device=device, dtype=torch.int)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() and stop["signal"] is None:
+                    stop["signal"] = "a signal on another rank"
+            stopping = stop["signal"] is not None and (not ddp or done % args.log_every == 0)
+            if done % args.ckpt_every == 0 or done == args.steps or stopping:
+                if (first_bad >= 0).any():
+                    raise UserError(f"a loss became non-finite at step {int(first_bad.max())}; not saving "
+                                    f"(checkpoints on disk are from before)")
+                path = save_checkpoint(done)
+                if stopping:
+                    if main_proc:
+                        pbar.close()
+                        print(f"stopped by {stop['signal']} at step {done}; saved {path}; continue with --resume")
+                    break
+        pbar.close()
     if ddp:
         dist.destroy_process_group()
 

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_image_folder(root, classes=3, per_class=8, size=16, mode="RGB", seed=0):
+    """A tiny ImageFolder: each class a different mean colour plus noise."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(per_class):
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            a = np.clip(rng.normal(40 + 70 * c, 20, shape), 0, 255).astype(np.uint8)
+            Image.fromarray(a, mode).save(os.path.join(root, f"class{c}", f"{i:03d}.png"))
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "images")
+
+
+def tiny_args(data_path, out, *extra):
+    return ["--data", "folder", "--data-path", str(data_path), "--model", "DiT-Mi/4", "--batch-size", "8",
+            "--log-every", "2", "--sample-every", "0", "--ckpt-every", "1000", "--warmup-steps", "2",
+            "--out", str(out), "--device", "cpu", *extra]
+
+
+def run_script(*args, timeout=120):
+    """Run one of the scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path):
+    import json
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
