@@ -8,13 +8,14 @@ dispersive run of an A/B the very same batches, and lets a run resume on another
 GPUs (each rank takes its share of the same global batch).
 """
 import gzip
+import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-DATASETS = ("cifar10", "fashion-mnist", "mnist", "folder")
+DATASETS = ("cifar10", "fashion-mnist", "mnist", "folder", "latents")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -47,6 +48,71 @@ class ImageSet:
         return to_model_range(self.images[idx]), self.labels[idx]
 
 
+class LatentSet:
+    """VAE latents written by encode_latents.py: the posterior mean and std of every image,
+    memory-mapped. ImageNet's are 21 GB (42 GB with mirror images), too much for GPU memory,
+    so each batch reads only its rows, on the CPU, and moves them to the training device."""
+
+    flip = False    # mirror images are rows of their own: flipping a latent is not encoding a flipped image
+
+    def __init__(self, path, image_size=None):
+        meta_path = os.path.join(path or "", "meta.json")
+        if not os.path.isfile(meta_path):
+            raise DataError(f"--data-path {path!r} has no meta.json: --data latents needs a directory written by "
+                            f"encode_latents.py")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            self.moments = np.load(os.path.join(path, "moments.npy"), mmap_mode="r")   # (N, 2, C, h, w) float16
+            labels = np.load(os.path.join(path, "labels.npy"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read the latents in --data-path {path!r} ({e}); re-run encode_latents.py") from None
+        if meta.get("done") != meta.get("num_images"):
+            raise DataError(f"the latents in {path!r} are incomplete ({meta.get('done')} of {meta.get('num_images')} "
+                            f"images encoded); re-run the same encode_latents.py command to finish them")
+        if image_size and image_size != meta["image_size"]:
+            raise DataError(f"the latents in {path!r} were encoded from {meta['image_size']} px images; --image-size "
+                            f"{image_size} cannot change that (encode again with encode_latents.py --image-size {image_size})")
+        if self.moments.ndim != 5 or self.moments.shape[1] != 2 or len(labels) != len(self.moments):
+            raise DataError(f"{path!r}: moments.npy {self.moments.shape} and labels.npy {labels.shape} do not match")
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.classes = list(meta["classes"])
+        self.num_classes = len(self.classes)
+        self.scale_factor = float(meta["scale_factor"])
+        # What sample.py needs to turn this model's outputs into images; saved in checkpoints.
+        self.vae = {"name": meta["vae"], "scale_factor": self.scale_factor, "image_size": int(meta["image_size"])}
+        self.device = torch.device("cpu")
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def shape(self):          # (C, h, w) of one latent
+        return tuple(self.moments.shape[2:])
+
+    def to(self, device):
+        self.device, self.labels = torch.device(device), self.labels.to(device)
+        return self
+
+    def batch(self, idx, generator=None):
+        """A fresh posterior sample (mean + std * noise) * scale_factor for samples idx, as DiT and
+        SiT draw one from an image encoded at every step. train.py passes its per-step generator
+        (after its own draws), so the noise too is a function of (seed, step) and resume is exact.
+        It is drawn for the local batch: with several GPUs the ranks apply the same noise to
+        different latents, so a latent run is not bit-identical across GPU counts."""
+        rows = idx.cpu().numpy()      # the rows are read on the CPU (a sync when idx is on the GPU)
+        m = torch.from_numpy(self.moments[rows]).to(self.device).float()     # (B, 2, C, h, w)
+        mean, std = m.unbind(1)
+        noise = torch.randn(mean.shape, device=self.device, generator=generator)
+        return (mean + std * noise) * self.scale_factor, self.labels[idx]
+
+    def decoder(self, device):
+        """latents -> images in [-1, 1] with this set's VAE, for sample grids during training."""
+        from encode_latents import decode, load_vae
+        vae = load_vae(self.vae["name"], device)
+        return lambda z: decode(vae, z, self.scale_factor)
+
+
 def load_dataset(name, path, image_size=None):
     if name == "cifar10":
         return _torchvision_set("CIFAR10", path, flip=True)
@@ -54,6 +120,8 @@ def load_dataset(name, path, image_size=None):
         return _mnist_like(name, path)
     if name == "folder":
         return _image_folder(path, image_size)
+    if name == "latents":
+        return LatentSet(path, image_size)
     raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
@@ -99,16 +167,7 @@ def _image_folder(path, image_size):
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
 
-    if not path or not os.path.isdir(path):
-        raise DataError(f"--data-path {path!r} is not a directory; --data folder needs one sub-directory of images per class")
-    classes = sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
-    files = []
-    for ci, c in enumerate(classes):
-        for root, _, names in sorted(os.walk(os.path.join(path, c))):
-            files += [(os.path.join(root, n), ci) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
-    if not files:
-        raise DataError(f"no images found in --data-path {path!r}: expected one sub-directory per class with image files "
-                        f"({', '.join(IMAGE_EXTS)})")
+    files, classes = list_image_folder(path)
     pics, modes = [], set()
     for f, _ in tqdm(files, desc=f"decoding {len(files)} images", disable=len(files) < 5000):
         try:
@@ -133,6 +192,21 @@ def _image_folder(path, image_size):
     return ImageSet(images, labels, len(classes), classes, flip=True)
 
 
+def list_image_folder(path):
+    """[(file, class index)] in a fixed (sorted) order, and the class names."""
+    if not path or not os.path.isdir(path):
+        raise DataError(f"--data-path {path!r} is not a directory; it needs one sub-directory of images per class")
+    classes = sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
+    files = []
+    for ci, c in enumerate(classes):
+        for root, _, names in sorted(os.walk(os.path.join(path, c))):
+            files += [(os.path.join(root, n), ci) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+    if not files:
+        raise DataError(f"no images found in --data-path {path!r}: expected one sub-directory per class with image files "
+                        f"({', '.join(IMAGE_EXTS)})")
+    return files, classes
+
+
 def _center_crop(im, size):
     """ADM's centre crop: resize the short side to `size` (box filter while far too large,
     then bicubic), then cut the centre square."""
@@ -148,12 +222,13 @@ def _center_crop(im, size):
 class BatchStream:
     """Which samples each rank trains on at each step; a pure function of (seed, step)."""
 
-    def __init__(self, n, global_batch, seed, rank=0, world=1):
+    def __init__(self, n, global_batch, seed, rank=0, world=1, device="cpu"):
         if global_batch > n:
             raise DataError(f"--batch-size {global_batch} is larger than the data set ({n} samples)")
         if global_batch % world:
             raise DataError(f"--batch-size {global_batch} is not divisible by the number of processes ({world})")
         self.n, self.global_batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
+        self.device = device      # where the indices are needed (the data set's device)
         self.steps_per_epoch = n // global_batch      # the last partial batch of an epoch is dropped
         self._perm_epoch, self._perm = None, None
 
@@ -161,7 +236,9 @@ class BatchStream:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm_epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+            # Drawn on the CPU (the same order on any device), then moved once per epoch:
+            # a host-to-device copy every step would make the host wait for the GPU.
+            self._perm_epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
         local = self.global_batch // self.world
         start = i * self.global_batch + self.rank * local
         return self._perm[start:start + local]

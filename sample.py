@@ -7,6 +7,7 @@ The .npz holds arr_0 (N, H, W, C) uint8 and arr_1 (N,) labels, the ADM / DiT con
 that FID tools read. EMA weights are used unless --raw-weights is given.
 """
 import argparse
+import json
 import math
 import os
 
@@ -60,13 +61,16 @@ def velocity_fn(model, y, cfg_scale=1.0):
 
 
 @torch.no_grad()
-def generate(model, labels, *, steps=50, solver="euler", cfg_scale=1.0, generator=None):
-    """Images for the given labels (B,), as uint8 (B, C, H, W). Noise comes from generator."""
+def generate(model, labels, *, steps=50, solver="euler", cfg_scale=1.0, generator=None, decode=None):
+    """Images for the given labels (B,), as uint8 (B, C, H, W). Noise comes from generator.
+    A latent model's outputs are turned into images in [-1, 1] by decode (its VAE's decoder)."""
     device = labels.device
     shape = (labels.shape[0], model.in_channels, model.image_size, model.image_size)
     x = torch.randn(shape, device=device, generator=generator)
     with autocast(device):
         x = SOLVERS[solver](velocity_fn(model, labels, cfg_scale), x, steps)
+    if decode is not None:
+        x = decode(x.float())
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -114,6 +118,8 @@ def main():
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: number of classes, at most 16)")
     p.add_argument("--out", default="samples.png", help=".png for a grid, .npz for arr_0 uint8 NHWC + arr_1 labels")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes them (default: the one recorded "
+                   "in the checkpoint); a local directory works offline")
     args = p.parse_args()
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
@@ -124,6 +130,13 @@ def main():
     ckpt = load_checkpoint(args.ckpt)
     model = build_from_checkpoint(ckpt, "model" if args.raw_weights else "ema").to(device).eval()
     K = model.num_classes
+    decode = None
+    if ckpt.get("vae"):                        # a latent model: decode with the VAE its latents came from
+        from encode_latents import decode as vae_decode, load_vae
+        vae = load_vae(args.vae or ckpt["vae"]["name"], device)
+        if vae.config.latent_channels != model.in_channels:
+            raise UserError(f"the VAE has {vae.config.latent_channels} latent channels, the model {model.in_channels}")
+        decode = lambda z: vae_decode(vae, z, ckpt["vae"]["scale_factor"])
     nrow = args.nrow or (min(K, 16) if K else 8)
 
     if args.class_labels is not None and K > 0:
@@ -140,12 +153,17 @@ def main():
     chunks = []
     for i in tqdm(range(0, n, args.batch_size), desc="sampling", unit="batch"):
         y = labels[i:i + args.batch_size].to(device)
-        chunks.append(generate(model, y, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, generator=g).cpu())
+        chunks.append(generate(model, y, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, generator=g,
+                               decode=decode).cpu())
     images = torch.cat(chunks)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.out.endswith(".npz"):
-        np.savez(args.out, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
+        # 'protocol' (a JSON string) lets fid.py record how the samples were made.
+        protocol = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": args.solver,
+                    "steps": args.steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed}
+        np.savez(args.out, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy(),
+                 protocol=np.array(json.dumps(protocol)))
     else:
         save_grid(images, args.out, nrow)
     print(f"wrote {n} images to {args.out}")

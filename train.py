@@ -12,6 +12,7 @@ checkpoints/ (plain-dict checkpoints, written atomically). Re-run the same comma
 import argparse
 import contextlib
 import copy
+import glob
 import json
 import math
 import os
@@ -70,6 +71,13 @@ def get_args(argv=None):
     a("--sample-cfg", type=float, default=1.0, help="guidance scale for those grids")
     a("--ckpt-every", type=int, default=10_000, help="steps between checkpoints (one is always written at the end)")
     a("--keep-ckpts", type=int, default=3, help="how many recent checkpoints to keep (0: all)")
+    # periodic FID of the EMA model (fid.py; needs torch-fidelity and the Inception weights)
+    a("--fid-every", type=int, default=0, help="steps between FID evaluations, logged as type=fid (0: never)")
+    a("--fid-samples", type=int, default=10_000, help="samples per periodic FID (FID-10K; the final number wants fid.py's 50K)")
+    a("--fid-ref-stats", default=None, help="reference statistics .npz (mu, sigma) for it (default: the training set's)")
+    a("--fid-extractor", default="inception-v3-compat", help="feature extractor: torch-fidelity's Inception, or a "
+      "classifier .pt from fid.py --train-classifier (offline; not FID)")
+    a("--inception-weights", default=None, help="local Inception weights file for the periodic FID (offline clusters)")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -84,6 +92,8 @@ def check_args(args):
         raise UserError(f"--disp-tau must be a finite number > 0, got {args.disp_tau}")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    if args.fid_every < 0 or (args.fid_every and args.fid_samples < 2):
+        raise UserError("--fid-every must be >= 0 and --fid-samples at least 2")
     for name in ("batch_size", "steps", "log_every", "sample_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -110,6 +120,15 @@ def parse_blocks(spec, depth):
     return blocks
 
 
+def check_finite(first_bad):
+    """first_bad: the first step at which (flow, dispersive) was non-finite, -1 if never."""
+    steps = first_bad.tolist()
+    if max(steps) >= 0:
+        names = [f"{name} (step {s})" for name, s in zip(("flow", "dispersive"), steps) if s >= 0]
+        raise UserError(f"the loss became non-finite: {', '.join(names)}; stopping without saving "
+                        f"(the checkpoints on disk are from before)")
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler pre-empting the job) only raise a flag; the
@@ -117,7 +136,11 @@ def stop_on_signals():
     stop = {"signal": None}
 
     def on_signal(signum, frame):
+        if stop["signal"] is not None:      # a second Ctrl-C: give up at once, without saving
+            raise KeyboardInterrupt
         stop["signal"] = signal.Signals(signum).name
+        print(f"\n{stop['signal']}: finishing this step and saving a checkpoint (again to quit without saving)",
+              file=sys.stderr)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
@@ -179,6 +202,11 @@ def main(argv=None):
             os.remove(probe)
         except OSError as e:
             raise UserError(f"cannot write to --out {args.out!r}: {e.strerror}") from None
+        for tmp in glob.glob(os.path.join(args.out, "checkpoints", "*.tmp*")):
+            os.remove(tmp)                          # half-written by a process that was killed
+        log_path = os.path.join(args.out, "metrics.jsonl")
+        if ckpt is None and os.path.exists(log_path):   # a fresh start never appends to an old log
+            os.replace(log_path, os.path.join(args.out, f"metrics.{int(time.time())}.jsonl"))
 
     # --- data: small sets live whole on the training device -----------------------------
     if ddp and not main_proc:
@@ -190,13 +218,20 @@ def main(argv=None):
     if H != W:
         raise UserError(f"images are {H}x{W}; the model needs square images (use --image-size)")
     num_classes = 0 if args.unconditional else data.num_classes
+    # Grids of a latent model are decoded by the set's VAE, loaded now: a VAE that cannot be
+    # loaded stops the run here, not at the first grid hours later.
+    decode = data.decoder(device) if main_proc and args.sample_every and hasattr(data, "decoder") else None
+    if args.fid_every and not hasattr(data, "images"):
+        raise UserError("--fid-every needs the training images as its reference; for latents, run fid.py on "
+                        "sample.py's .npz with --ref-stats (see the README's ImageNet section)")
 
     # --- model, EMA, optimiser -----------------------------------------------------------
     torch.manual_seed(args.seed)
     try:
         model = build_model(args.model, H, C, num_classes).to(device)
     except ValueError as e:
-        raise UserError(f"{e} (model {args.model}, data {H}x{W}); use --image-size or another --model") from None
+        fix = "encode the latents at another size" if args.data == "latents" else "use --image-size"
+        raise UserError(f"{e} (model {args.model}, data {C}x{H}x{W}); {fix} or choose another --model") from None
     disp_blocks = parse_blocks(args.disp_block, model.depth)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
@@ -222,7 +257,7 @@ def main(argv=None):
 
     log = Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start_step if ckpt else None)
     log(type="config", step=start_step, args=vars(args), model_config=model_config, params=n_params,
-        disp_blocks=list(disp_blocks), world_size=world, resumed_from=resume_path,
+        disp_blocks=list(disp_blocks), world_size=world, resumed_from=resume_path, vae=getattr(data, "vae", None),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()})",
         versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda})
 
@@ -232,6 +267,7 @@ def main(argv=None):
         if main_proc:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                      "args": vars(args), "model_config": model_config, "classes": data.classes,
+                     "vae": getattr(data, "vae", None),      # latent sets: the VAE that decodes samples
                      "rng": {"torch": torch.get_rng_state()}, "versions": {"torch": str(torch.__version__)}}
             path = os.path.join(args.out, "checkpoints", f"step_{step:07d}.pt")
             save_atomic(state, path)
@@ -240,23 +276,21 @@ def main(argv=None):
             return path
 
     # --- the loop ------------------------------------------------------------------------
-    with stop_on_signals() as stop:
-        stream = BatchStream(N, args.batch_size, args.seed, rank, world)
+    with stop_on_signals() as stop, \
+            tqdm(total=args.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True) as pbar:
+        stream = BatchStream(N, args.batch_size, args.seed, rank, world, device)
         local = args.batch_size // world
         mine = slice(rank * local, (rank + 1) * local)
         gen = torch.Generator(device)
         first_bad = torch.full((2,), -1, device=device)      # first step each term was non-finite
-        pbar = tqdm(total=args.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True)
         t_last, step_last = time.perf_counter(), start_step
+        fid_eval = None                              # fid.TrainingFID, built on first use
         net.train()
         for step in range(start_step, args.steps):
             lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            idx = stream.indices(step).to(device)
-            x, y = data.batch(idx)
-            if num_classes == 0:
-                y = torch.zeros_like(y)
+            idx = stream.indices(step)               # already on the device: no sync
             # All randomness of a step comes from (seed, step) and is drawn for the whole global
             # batch, each rank taking its slice: a run gives the same numbers on 1 or 8 GPUs,
             # and resumes exactly.
@@ -266,6 +300,11 @@ def main(argv=None):
             eps = torch.randn((B, C, H, W), device=device, generator=gen)[mine]
             t = torch.rand(B, device=device, generator=gen)[mine]
             drop = (torch.rand(B, device=device, generator=gen) < args.p_uncond)[mine]
+            # Latent sets draw their posterior noise from gen too, after the draws above (image
+            # sets draw nothing, so their numbers do not depend on this order).
+            x, y = data.batch(idx, generator=gen)
+            if num_classes == 0:
+                y = torch.zeros_like(y)
             if data.flip:
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
 
@@ -298,10 +337,7 @@ def main(argv=None):
                     vals /= world
                     dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
                 flow, disp, total, disp_diag, dist_diag = vals.tolist()
-                if (first_bad >= 0).any():
-                    names = [n for n, s in zip(("flow", "dispersive"), first_bad.tolist()) if s >= 0]
-                    raise UserError(f"the {' and '.join(names)} loss became non-finite at step {int(first_bad.max())}; "
-                                    f"stopping (checkpoints on disk are from before)")
+                check_finite(first_bad)
                 now = time.perf_counter()
                 ips = (done - step_last) * args.batch_size / (now - t_last)
                 t_last, step_last = now, done
@@ -315,8 +351,15 @@ def main(argv=None):
                 g = torch.Generator(device).manual_seed(args.seed)
                 n = (min(num_classes, 16) if num_classes else 8) * 8
                 imgs = generate(ema, grid_labels(num_classes, n).to(device), steps=args.sample_steps,
-                                cfg_scale=args.sample_cfg, generator=g)
+                                cfg_scale=args.sample_cfg, generator=g, decode=decode)
                 save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
+            if main_proc and args.fid_every and done % args.fid_every == 0:
+                import fid                            # loads torch-fidelity only when asked for
+                if fid_eval is None:
+                    fid_eval = fid.TrainingFID(args.fid_extractor, args.inception_weights, args.fid_ref_stats,
+                                               getattr(data, "images", None), device)   # None for latents
+                ema.eval()
+                log(type="fid", step=done, **fid_eval(ema, args.fid_samples, args.sample_steps, args.sample_cfg, args.seed))
             if ddp and done % args.log_every == 0:   # agree on a stop signal at log steps
                 flag = torch.tensor([stop["signal"] is not None], device=device, dtype=torch.int)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -324,16 +367,13 @@ def main(argv=None):
                     stop["signal"] = "a signal on another rank"
             stopping = stop["signal"] is not None and (not ddp or done % args.log_every == 0)
             if done % args.ckpt_every == 0 or done == args.steps or stopping:
-                if (first_bad >= 0).any():
-                    raise UserError(f"a loss became non-finite at step {int(first_bad.max())}; not saving "
-                                    f"(checkpoints on disk are from before)")
+                check_finite(first_bad)
                 path = save_checkpoint(done)
                 if stopping:
                     if main_proc:
                         pbar.close()
                         print(f"stopped by {stop['signal']} at step {done}; saved {path}; continue with --resume")
                     break
-        pbar.close()
     if ddp:
         dist.destroy_process_group()
 

@@ -89,12 +89,13 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        what = [l.strip() for l in str(e).splitlines() if "Unsupported global" in l] or [""]
-        raise UserError(f"refusing to load {path!r}: it holds pickled Python objects, which could run code "
-                        f"when loaded ({what[0].split(' was not')[0]})") from None
-    except Exception as e:  # truncated or foreign files
-        raise UserError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # unsafe, truncated or foreign files
+        unsafe = [l.strip() for l in str(e).splitlines() if "Unsupported global" in l]
+        if isinstance(e, pickle.UnpicklingError) and unsafe:
+            raise UserError(f"refusing to load {path!r}: it holds pickled Python objects, which could run code "
+                            f"when loaded ({unsafe[0].split(' was not')[0]})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot read checkpoint {path!r} (damaged or not a checkpoint): {type(e).__name__} {first}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path!r} is not a checkpoint written by train.py (no 'model' / 'model_config' entries)")
     return ckpt

@@ -1,0 +1,359 @@
+"""FID with the standard protocol: torch-fidelity's Inception (TF-compatible resize, the
+converted TF weights), statistics of the CIFAR-10 training set as the reference.
+
+    python fid.py --samples samples.npz                        # FID of an .npz (sample.py) or image folder
+    python fid.py --ckpt runs/x/checkpoints/step_0400000.pt    # sample 50K, then FID-50K
+    python fid.py ... --inception-weights weights-inception-2015-12-05-6726825d.pth   # offline
+
+FID = ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) between Gaussians fitted to the
+2048-d pool features of the samples and of the reference (Heusel et al. 2017). The number
+depends on every detail of the protocol (feature network, resize, sample count, reference
+set), so fid.py writes the protocol next to the number in a small JSON file.
+
+--extractor FILE.pt instead uses a small classifier trained here (--train-classifier); its
+"FD-classifier" works offline on any data set, but it is *not* FID and is not comparable with
+published numbers: use it to compare runs with each other only.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import UserError, build_from_checkpoint, load_checkpoint, pick_device, run_main
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+
+
+# ----------------------------------------------------------------------------------------
+# Statistics and the Frechet distance
+# ----------------------------------------------------------------------------------------
+
+def statistics(feats):
+    """Mean and covariance (ddof = 1, as TTUR and torch-fidelity) of (N, D) features, float64."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.shape[0] < 2:
+        raise UserError(f"need at least 2 images for a covariance, got {feats.shape[0]}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which are
+    those of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2): so a symmetric eigensolver does,
+    and round-off negatives (rank-deficient covariances, N < D) clamp to 0 instead of
+    turning complex."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise UserError(f"statistics do not match: {mu1.shape[0]}-d features vs {mu2.shape[0]}-d reference "
+                        f"(different feature extractors?)")
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    m = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+# ----------------------------------------------------------------------------------------
+# Feature extractors: callables from uint8 (N, C, H, W) to float (N, D)
+# ----------------------------------------------------------------------------------------
+
+class SmallClassifier(nn.Module):
+    """A 3-conv CNN for the offline FD-classifier; features are its 128-d pooled output."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())   # (B, 128)
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x_uint8):
+        return self.head(self.features(x_uint8))
+
+    def features(self, x_uint8):
+        return self.body(x_uint8.float() / 127.5 - 1)
+
+
+def load_extractor(spec=INCEPTION, weights=None, device="cpu"):
+    """-> (fn, info). spec: a torch-fidelity feature extractor name (default: the Inception of
+    the FID protocol), or a classifier .pt written by --train-classifier."""
+    device = torch.device(device)
+    if spec.endswith(".pt"):
+        if not os.path.isfile(spec):
+            raise UserError(f"--extractor {spec!r}: no such classifier file (make one with --train-classifier)")
+        ck = torch.load(spec, map_location="cpu", weights_only=True)
+        if not isinstance(ck, dict) or ck.get("kind") != "fd-classifier":
+            raise UserError(f"--extractor {spec!r} is not a classifier written by fid.py --train-classifier")
+        net = SmallClassifier(ck["in_channels"], ck["num_classes"])
+        net.load_state_dict(ck["state"])
+        net = net.to(device).eval()
+        C = ck["in_channels"]
+
+        def fn(x):
+            if x.shape[1] != C:        # grey <-> RGB, so samples and reference always fit
+                x = x.expand(-1, C, -1, -1) if x.shape[1] == 1 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
+            return net.features(x)
+        return fn, {"name": "fd-classifier", "file": os.path.abspath(spec), "data": ck.get("data"),
+                    "held_out_accuracy": ck.get("held_out_accuracy")}
+
+    try:
+        import torch_fidelity
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+        from torch_fidelity.utils import create_feature_extractor
+    except ImportError:
+        raise UserError("FID needs torch-fidelity: pip install torch-fidelity==0.4.0 (see README, 'Measuring')") from None
+    if spec not in FEATURE_EXTRACTORS_REGISTRY:
+        raise UserError(f"--extractor {spec!r}: not a torch-fidelity feature extractor "
+                        f"({', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}) nor a classifier .pt")
+    if weights is not None and not os.path.isfile(weights):
+        raise UserError(f"--inception-weights {weights!r}: no such file")
+    layer = FEATURE_EXTRACTORS_REGISTRY[spec].get_default_feature_layer_for_metric("fid")
+    try:
+        net = create_feature_extractor(spec, [layer], cuda=False, feature_extractor_weights_path=weights, verbose=False)
+    except Exception as e:   # no internet, a wrong file: torch hub raises URLError, torch.load many kinds
+        hint = (f"; offline, download {INCEPTION_URL} elsewhere and pass --inception-weights FILE"
+                if weights is None else "")
+        raise UserError(f"could not load the {spec} weights ({type(e).__name__}: {str(e).splitlines()[0][:150]}){hint}") from None
+    net = net.to(device)
+
+    def fn(x):
+        return net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)[0]    # Inception wants RGB
+    return fn, {"name": spec, "layer": layer, "weights": os.path.abspath(weights) if weights else "torch hub cache / download",
+                "tool": "torch-fidelity", "tool_version": torch_fidelity.__version__}
+
+
+@torch.no_grad()
+def features(fn, images, batch_size=200, device="cpu"):
+    """(N, D) float64 numpy features of uint8 images (N, C, H, W), a batch at a time."""
+    out = [fn(images[i:i + batch_size].to(device)).cpu().double() for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs: samples (.npz, image folder, or a checkpoint to sample from) and the reference
+# ----------------------------------------------------------------------------------------
+
+def load_images(path):
+    """An .npz with arr_0 (N, H, W, C) uint8, or a directory of images (any depth) -> uint8
+    (N, C, H, W), and the generation settings sample.py stored, if any."""
+    if os.path.isfile(path) and path.endswith(".npz"):
+        with np.load(path) as z:
+            if "arr_0" not in z:
+                raise UserError(f"{path!r} has no arr_0 (images); expected sample.py's .npz")
+            arr = z["arr_0"]
+            protocol = json.loads(str(z["protocol"])) if "protocol" in z else None
+        if arr.dtype != np.uint8 or arr.ndim != 4:
+            raise UserError(f"{path!r}: arr_0 must be uint8 (N, H, W, C), got {arr.dtype} {arr.shape}")
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), protocol
+    if os.path.isdir(path):
+        from PIL import Image
+        from data import IMAGE_EXTS
+        files = sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns if n.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise UserError(f"no images in {path!r}")
+        pics = []
+        for f in files:
+            with Image.open(f) as im:
+                pics.append(np.asarray(im.convert("RGB")))
+        if len({p.shape for p in pics}) > 1:
+            raise UserError(f"images in {path!r} differ in size")
+        return torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).contiguous(), None
+    raise UserError(f"--samples {path!r}: expected an .npz file or a directory of images")
+
+
+def sample_from_checkpoint(ckpt_path, n, *, steps=50, solver="euler", cfg_scale=1.0, ema=True, seed=0,
+                           batch_size=256, device="cpu"):
+    """n images from a checkpoint, classes spread evenly; -> (uint8 NCHW, generation protocol)."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = build_from_checkpoint(ckpt, "ema" if ema else "model").to(device).eval()
+    decode = None
+    if ckpt.get("vae"):                 # a latent model: decode with its VAE, as sample.py does
+        from encode_latents import decode as vae_decode, load_vae
+        vae = load_vae(ckpt["vae"]["name"], device)
+        decode = lambda z: vae_decode(vae, z, ckpt["vae"]["scale_factor"])
+    images = generate_n(model, n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
+                        batch_size=batch_size, device=device, decode=decode)
+    return images, {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "solver": solver,
+                    "steps": steps, "cfg_scale": cfg_scale, "ema": ema, "seed": seed}
+
+
+def generate_n(model, n, *, steps, solver="euler", cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None):
+    """n images, classes in turn (the same labels for every model, so A/B arms match)."""
+    from sample import generate, grid_labels
+    labels = grid_labels(model.num_classes, n)
+    g = torch.Generator(device).manual_seed(seed)
+    return torch.cat([generate(model, labels[i:i + batch_size].to(device), steps=steps, solver=solver,
+                               cfg_scale=cfg_scale, generator=g, decode=decode).cpu() for i in range(0, n, batch_size)])
+
+
+def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu"):
+    """(mu, sigma, description): from a stats .npz (mu, sigma), or from a data set data.py loads."""
+    if stats_path:
+        if not os.path.isfile(stats_path):
+            raise UserError(f"--ref-stats {stats_path!r}: no such file")
+        with np.load(stats_path) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise UserError(f"--ref-stats {stats_path!r} needs arrays 'mu' and 'sigma'")
+            made_with = str(z["extractor"]) if "extractor" in z else None
+            if made_with and made_with != info["name"]:
+                raise UserError(f"--ref-stats {stats_path!r} was made with {made_with}, not {info['name']}")
+            return z["mu"], z["sigma"], {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
+    from data import load_dataset
+    ds = load_dataset(data, data_path)
+    if getattr(ds, "images", None) is None or ds.images.dtype != torch.uint8:
+        raise UserError(f"--ref-data {data}: the reference must be images, not latents (use --ref-stats or an image folder)")
+    mu, sigma = statistics(features(fn, ds.images, batch_size, device))
+    return mu, sigma, {"data": data, "data_path": os.path.abspath(data_path), "num_images": len(ds)}
+
+
+def save_stats(path, mu, sigma, info):
+    np.savez(path, mu=mu, sigma=sigma, extractor=info["name"])
+
+
+def fid_name(info, n):
+    base = {INCEPTION: "FID", "fd-classifier": "FD-classifier"}.get(info["name"], f"FD-{info['name']}")
+    return f"{base}-{n // 1000}K" if n % 1000 == 0 else f"{base}-{n}"
+
+
+class TrainingFID:
+    """Periodic FID during training (train.py --fid-every): the extractor and the reference
+    statistics (the training set, or --fid-ref-stats) are loaded once, on first use."""
+
+    def __init__(self, extractor, weights, ref_stats, train_images, device):
+        if train_images is None or train_images.dtype != torch.uint8:
+            raise UserError("--fid-every needs image data; for latent runs score checkpoints with fid.py --ckpt")
+        self.fn, self.info = load_extractor(extractor, weights, device)
+        self.device = device
+        if ref_stats:
+            self.mu, self.sigma, self.ref = reference_stats(self.fn, self.info, stats_path=ref_stats)
+        else:
+            self.mu, self.sigma = statistics(features(self.fn, train_images, device=device))
+            self.ref = {"data": "the training set", "num_images": len(train_images)}
+
+    def __call__(self, model, n, steps, cfg_scale, seed):
+        images = generate_n(model, n, steps=steps, cfg_scale=cfg_scale, seed=seed, device=self.device)
+        mu, sigma = statistics(features(self.fn, images, device=self.device))
+        return {"metric": fid_name(self.info, n), "value": frechet_distance(mu, sigma, self.mu, self.sigma),
+                "num_samples": n, "solver": "euler", "steps": steps, "cfg_scale": cfg_scale, "ema": True,
+                "extractor": self.info["name"]}
+
+
+# ----------------------------------------------------------------------------------------
+# The small classifier of the offline FD-classifier
+# ----------------------------------------------------------------------------------------
+
+def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
+    """Train SmallClassifier on a data set, holding out 10% to report its accuracy."""
+    from data import load_dataset
+    ds = load_dataset(data, data_path)
+    torch.manual_seed(seed)
+    perm = torch.randperm(len(ds))
+    n_val = len(ds) // 10
+    val, tr = perm[:n_val], perm[n_val:]
+    net = SmallClassifier(ds.shape[0], ds.num_classes).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    steps = max(1, epochs * len(tr) // 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    for s in range(steps):
+        idx = tr[torch.randint(len(tr), (128,))]
+        x, y = ds.images[idx].to(device), ds.labels[idx].to(device)
+        if ds.flip:
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(ds.images[val[i:i + 500]].to(device)).argmax(1).cpu() for i in range(0, n_val, 500)])
+    acc = (pred == ds.labels[val]).float().mean().item()
+    torch.save({"kind": "fd-classifier", "state": {k: v.cpu() for k, v in net.state_dict().items()},
+                "in_channels": ds.shape[0], "num_classes": ds.num_classes, "data": data,
+                "held_out_accuracy": acc, "epochs": epochs, "seed": seed}, out)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--samples", default=None, help="images to score: sample.py's .npz (arr_0 uint8 NHWC) or a directory of images")
+    a("--ckpt", default=None, help="or a checkpoint: fid.py draws --num-samples images from it first")
+    a("--num-samples", type=int, default=None, help="images to score (default: all of --samples; 50000 with --ckpt)")
+    a("--solver", default="euler", choices=("euler", "heun"), help="ODE solver with --ckpt")
+    a("--steps", type=int, default=50, help="solver steps with --ckpt")
+    a("--cfg-scale", type=float, default=1.0, help="guidance scale with --ckpt (1 = none)")
+    a("--raw-weights", action="store_true", help="with --ckpt, sample the raw weights instead of the EMA weights")
+    a("--seed", type=int, default=0, help="seed for the initial noise with --ckpt")
+    a("--ref-stats", default=None, help="reference statistics .npz (mu, sigma) instead of computing them from --ref-data")
+    a("--ref-data", default="cifar10", help="reference data set, any that data.py loads (default: the CIFAR-10 training set)")
+    a("--ref-data-path", default="data", help="where --ref-data is (as train.py's --data-path)")
+    a("--save-ref-stats", default=None, help="write the reference statistics to this .npz for --ref-stats next time")
+    a("--extractor", default=INCEPTION, help=f"torch-fidelity feature extractor (default {INCEPTION}, the FID protocol), "
+      "or a classifier .pt from --train-classifier (FD-classifier: offline, not FID)")
+    a("--inception-weights", default=None, help="local Inception weights file (offline use); default: torch hub cache or download")
+    a("--train-classifier", default=None, metavar="OUT.pt",
+      help="instead: train the small FD-classifier on --ref-data and save it here, then exit")
+    a("--classifier-epochs", type=int, default=2, help="epochs for --train-classifier")
+    a("--batch-size", type=int, default=200, help="images per forward pass")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    a("--out", default=None, help="JSON result file (default: next to --samples / --ckpt, <name>.fid.json)")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+
+    if args.train_classifier:
+        acc = train_classifier(args.ref_data, args.ref_data_path, args.train_classifier, args.classifier_epochs,
+                               args.seed, device)
+        print(f"wrote {args.train_classifier} (held-out accuracy {acc:.3f})")
+        return
+    if (args.samples is None) == (args.ckpt is None):
+        raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
+    if args.num_samples is not None and args.num_samples < 2:
+        raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
+
+    fn, info = load_extractor(args.extractor, args.inception_weights, device)
+    t0 = time.time()
+    if args.ckpt:
+        n = args.num_samples or 50_000
+        images, generation = sample_from_checkpoint(args.ckpt, n, steps=args.steps, solver=args.solver,
+                                                    cfg_scale=args.cfg_scale, ema=not args.raw_weights, seed=args.seed,
+                                                    batch_size=args.batch_size, device=device)
+    else:
+        images, generation = load_images(args.samples)
+        if args.num_samples:
+            if args.num_samples > len(images):
+                raise UserError(f"--num-samples {args.num_samples} but {args.samples!r} holds only {len(images)} images")
+            images = images[:args.num_samples]
+        generation = generation or "unknown (an .npz from an older sample.py, or an image folder)"
+    mu, sigma = statistics(features(fn, images, args.batch_size, device))
+    ref_mu, ref_sigma, ref = reference_stats(fn, info, stats_path=args.ref_stats, data=args.ref_data,
+                                             data_path=args.ref_data_path, batch_size=args.batch_size, device=device)
+    if args.save_ref_stats:
+        save_stats(args.save_ref_stats, ref_mu, ref_sigma, info)
+    value = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    result = {"metric": fid_name(info, len(images)), "value": value, "num_samples": len(images),
+              "samples": os.path.abspath(args.samples) if args.samples else None, "reference": ref,
+              "feature_extractor": info, "generation": generation, "frechet_distance": "fid.py (eigvalsh)",
+              "seconds": round(time.time() - t0, 1),
+              "versions": {"torch": str(torch.__version__), "python": platform.python_version()}}
+    out = args.out or os.path.splitext(args.samples or args.ckpt)[0].rstrip("/") + ".fid.json"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{result['metric']}: {value:.3f}  ({out})")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,210 @@
+"""Issue 6: exact resume lives in test_train.py; here crashes, signals, bad input, unsafe files."""
+import argparse
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import ROOT, make_image_folder, read_jsonl, run_script, tiny_args
+from utils import UserError, list_checkpoints, load_checkpoint
+
+
+def fast_args(data, out, *extra):
+    """A model so small that a step takes milliseconds: 16x16 images, patch 8, 4 tokens."""
+    return ["train.py", *tiny_args(data, out, "--model", "DiT-Mi/8", *extra)]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(cond, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigkill_loop_never_loses_the_latest_checkpoint(image_folder, tmp_path):
+    out = tmp_path / "run"
+    rng = random.Random(0)
+    kills, verified, newest_step = 0, 0, 0
+    for i in range(5):
+        # A checkpoint every step (about 20 MB each), so kills land inside writes too.
+        extra = ["--steps", "100000", "--ckpt-every", "1", "--keep-ckpts", "2", "--log-every", "5"]
+        proc = start(fast_args(image_folder, out, *extra, *(["--resume"] if i else [])))
+        assert wait_for(lambda: bool(list_checkpoints(out)) and
+                        int(os.path.basename(list_checkpoints(out)[0])[5:12]) > newest_step), proc.stderr.read()
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+        kills += 1
+        ckpt = load_checkpoint(list_checkpoints(out)[0])          # the newest must always load
+        assert ckpt["step"] >= newest_step                        # and the run never went backwards
+        newest_step = ckpt["step"]
+        verified += 1
+    print(f"kill loop: {kills} SIGKILLs, {verified} newest checkpoints verified, last at step {newest_step}")
+    # A last resume finishes cleanly from wherever the kills left it and removes the leftovers.
+    r = run_script(*fast_args(image_folder, out, "--steps", str(newest_step + 2), "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert not glob.glob(str(out / "checkpoints" / "*.tmp*"))
+    assert load_checkpoint(list_checkpoints(out)[0])["step"] == newest_step + 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_exits_cleanly(image_folder, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = start(fast_args(image_folder, out, "--steps", "100000", "--log-every", "1"))
+    assert wait_for(lambda: os.path.exists(out / "metrics.jsonl") and len(read_jsonl(out / "metrics.jsonl")) > 3)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert f"stopped by {sig.name}" in stdout and "--resume" in stdout
+    step = load_checkpoint(list_checkpoints(out)[0])["step"]
+    assert step >= 3 and f"at step {step}" in stdout
+
+
+def test_non_finite_loss_stops_and_keeps_good_checkpoints(image_folder, tmp_path):
+    out = tmp_path / "run"
+    # A huge learning rate without clipping makes the weights overflow: the loss of step 2 is inf / nan.
+    r = run_script(*fast_args(image_folder, out, "--steps", "20", "--lr", "1e30", "--grad-clip", "0",
+                              "--warmup-steps", "1", "--ckpt-every", "1", "--log-every", "5"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "loss became non-finite: flow (step 2)" in r.stderr.splitlines()[-1]
+    for path in list_checkpoints(out):
+        ck = load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values()), path
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_config": {}, "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(UserError, match="refusing to load .*pickled Python objects.*Namespace"):
+        load_checkpoint(str(path))
+    r = run_script("sample.py", "--ckpt", str(path))
+    assert r.returncode == 2 and "refusing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_foreign_and_mismatched_checkpoints(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    ckpt = list_checkpoints(out)[0]
+    r = run_script("train.py", *tiny_args(image_folder, out, "--steps", "4", "--resume", "--model", "DiT-Ti/4"))
+    assert r.returncode == 2 and "its name is 'DiT-Mi/4', this run's is 'DiT-Ti/4'" in r.stderr
+    gray = make_image_folder(tmp_path / "gray", mode="L")
+    r = run_script("train.py", *tiny_args(gray, out, "--steps", "4", "--resume"))
+    assert r.returncode == 2 and "in_channels is 3, this run's is 1" in r.stderr
+    # sample.py with weights that do not fit the model the checkpoint names
+    ck = torch.load(ckpt, weights_only=True)
+    ck["model_config"]["name"] = "DiT-Ti/4"
+    torch.save(ck, tmp_path / "foreign.pt")
+    r = run_script("sample.py", "--ckpt", str(tmp_path / "foreign.pt"))
+    assert r.returncode == 2 and "do not fit DiT-Ti/4" in r.stderr and "Traceback" not in r.stderr
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    r = run_script("sample.py", "--ckpt", str(tmp_path / "other.pt"))
+    assert r.returncode == 2 and "not a checkpoint written by train.py" in r.stderr
+    (tmp_path / "garbage.pt").write_bytes(b"not a zip file")
+    r = run_script("sample.py", "--ckpt", str(tmp_path / "garbage.pt"))
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    with open(out / "checkpoints" / "step_0000009.pt", "wb") as f:      # e.g. a truncated copy
+        f.write(open(list_checkpoints(out)[0], "rb").read()[:1000])
+    path, ck = utils.find_resume_checkpoint(str(out))
+    assert ck["step"] == 2 and path.endswith("step_0000002.pt")
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_disk_full_during_checkpoint_write(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    good = list_checkpoints(out)[0]
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"x" * 4096)                       # part of the file reaches the disk ...
+        raise OSError(28, "No space left on device")   # ... then the disk is full
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="could not write checkpoint .*No space left on device.*intact"):
+        train.main(tiny_args(image_folder, out, "--steps", "4", "--ckpt-every", "3", "--resume"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert list_checkpoints(out) == [good] and load_checkpoint(good)["step"] == 2
+    assert not glob.glob(str(out / "checkpoints" / "*.tmp*"))
+
+
+# ---- bad input: one clear line, exit status 2, nothing written is lost -------------------
+
+def bad(tmp_path, *args, script="train.py"):
+    r = run_script(script, *args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_bad_data_inputs(tmp_path):
+    out = ["--out", str(tmp_path / "o"), "--steps", "1"]
+    assert "is not a directory" in bad(tmp_path, "--data", "folder", "--data-path", str(tmp_path / "missing"), *out)
+    (tmp_path / "empty").mkdir()
+    assert "no images found" in bad(tmp_path, "--data", "folder", "--data-path", str(tmp_path / "empty"), *out)
+    folder = make_image_folder(tmp_path / "broken", per_class=2)
+    open(os.path.join(folder, "class0", "notes.txt"), "w").write("not an image, ignored")
+    open(os.path.join(folder, "class1", "bad.png"), "wb").write(b"\x89PNG broken")
+    assert "cannot read image" in bad(tmp_path, "--data", "folder", "--data-path", folder, *out)
+    odd = make_image_folder(tmp_path / "odd", size=18)
+    assert "not divisible by the patch size" in bad(tmp_path, "--data", "folder", "--data-path", odd, "--model", "DiT-Mi/4", *out)
+
+
+def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
+    from data import load_dataset
+    root = make_image_folder(tmp_path / "mixed", per_class=2)
+    make_image_folder(tmp_path / "mixed", classes=1, per_class=1, mode="L", seed=5)   # overwrites class0/000.png
+    ds = load_dataset("folder", root)
+    assert ds.shape == (3, 16, 16)
+    gray = ds.images[0]                                # the grayscale file, replicated to 3 equal channels
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--disp-block", "13"], "out of range"),
+    (["--disp-weight", "-1"], "--disp-weight must be a finite number >= 0"),
+    (["--disp-weight", "nan"], "--disp-weight must be a finite number >= 0"),
+    (["--lr", "inf"], "--lr must be a finite number >= 0"),
+    (["--disp-tau", "0"], "--disp-tau must be a finite number > 0"),
+    (["--model", "DiT-Huge/2"], "invalid choice: 'DiT-Huge/2'"),
+    (["--disp-variant", "nope"], "invalid choice: 'nope'"),
+    (["--resume", "/nonexistent/run"], "no such file or run directory"),
+])
+def test_bad_flags(image_folder, tmp_path, flags, message):
+    assert message in bad(tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--model", "DiT-S/2", *flags))
+
+
+def test_unwritable_output_and_existing_run(image_folder, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "cannot write to --out" in bad(tmp_path, *tiny_args(image_folder, tmp_path / "file" / "run", "--steps", "1"))
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    before = open(list_checkpoints(out)[0], "rb").read()
+    assert "already has checkpoints" in bad(tmp_path, *tiny_args(image_folder, out, "--steps", "2"))
+    assert open(list_checkpoints(out)[0], "rb").read() == before
+
+
+def test_batch_size_one_warns(image_folder, tmp_path):
+    r = run_script("train.py", *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--batch-size", "1"))
+    assert r.returncode == 0 and "dispersive loss is constant" in r.stderr
+
+
+def test_sample_missing_checkpoint(tmp_path):
+    assert "does not exist" in bad(tmp_path, "--ckpt", str(tmp_path / "none.pt"), script="sample.py")
