@@ -43,6 +43,10 @@ class ImageSet:
         self.images, self.labels = self.images.to(device), self.labels.to(device)
         return self
 
+    @property
+    def index_device(self):   # batches are gathered where the images are
+        return self.images.device
+
     def batch(self, idx, generator=None):
         """Samples idx as model inputs in [-1, 1], and their labels."""
         return to_model_range(self.images[idx]), self.labels[idx]
@@ -91,8 +95,10 @@ class LatentSet:
         return tuple(self.moments.shape[2:])
 
     def to(self, device):
-        self.device, self.labels = torch.device(device), self.labels.to(device)
+        self.device = torch.device(device)    # where batches go; the set itself stays on the CPU
         return self
+
+    index_device = torch.device("cpu")        # rows are read from the memory map on the CPU
 
     def batch(self, idx, generator=None):
         """A fresh posterior sample (mean + std * noise) * scale_factor for samples idx, as DiT and
@@ -100,11 +106,10 @@ class LatentSet:
         (after its own draws), so the noise too is a function of (seed, step) and resume is exact.
         It is drawn for the local batch: with several GPUs the ranks apply the same noise to
         different latents, so a latent run is not bit-identical across GPU counts."""
-        rows = idx.cpu().numpy()      # the rows are read on the CPU (a sync when idx is on the GPU)
-        m = torch.from_numpy(self.moments[rows]).to(self.device).float()     # (B, 2, C, h, w)
+        m = torch.from_numpy(self.moments[idx.numpy()]).to(self.device).float()     # (B, 2, C, h, w)
         mean, std = m.unbind(1)
         noise = torch.randn(mean.shape, device=self.device, generator=generator)
-        return (mean + std * noise) * self.scale_factor, self.labels[idx]
+        return (mean + std * noise) * self.scale_factor, self.labels[idx].to(self.device)
 
     def decoder(self, device):
         """latents -> images in [-1, 1] with this set's VAE, for sample grids during training."""

@@ -278,7 +278,7 @@ def main(argv=None):
     # --- the loop ------------------------------------------------------------------------
     with stop_on_signals() as stop, \
             tqdm(total=args.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True) as pbar:
-        stream = BatchStream(N, args.batch_size, args.seed, rank, world, device)
+        stream = BatchStream(N, args.batch_size, args.seed, rank, world, data.index_device)
         local = args.batch_size // world
         mine = slice(rank * local, (rank + 1) * local)
         gen = torch.Generator(device)
@@ -290,7 +290,7 @@ def main(argv=None):
             lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            idx = stream.indices(step)               # already on the device: no sync
+            idx = stream.indices(step)               # already where the data set is: no copy, no sync
             # All randomness of a step comes from (seed, step) and is drawn for the whole global
             # batch, each rank taking its slice: a run gives the same numbers on 1 or 8 GPUs,
             # and resumes exactly.
