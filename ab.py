@@ -50,7 +50,7 @@ def ema_flow_loss(model, data, n=1024, seed=12345, batch=256, device="cpu"):
     idx = torch.randperm(len(data), generator=g)[:n]
     total = 0.0
     for i in range(0, len(idx), batch):
-        x, y = (v.to(device) for v in data.batch(idx[i:i + batch]))
+        x, y = (v.to(device) for v in data.batch(idx[i:i + batch], generator=g))   # latents: seeded posterior noise
         eps = torch.randn(x.shape, generator=g).to(device)      # drawn on the CPU: the same on every device
         t = torch.rand(len(x), generator=g).to(device)
         y = y if model.num_classes else torch.zeros_like(y)
@@ -184,7 +184,7 @@ def main(argv=None):
     args, train_args = p.parse_known_args(argv)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
-    if any(f in train_args for f in ("--seed", "--steps", "--disp-weight", "--out", "--resume")):
+    if any(a.split("=")[0] in ("--seed", "--steps", "--disp-weight", "--out", "--resume") for a in train_args):
         raise UserError("ab.py sets --seed, --steps, --disp-weight, --out and --resume itself; use its own flags")
     if args.eval_samples and args.eval_samples < 2:
         raise UserError(f"--eval-samples must be 0 or at least 2, got {args.eval_samples}")

@@ -240,7 +240,7 @@ class BatchStream:
     def indices(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)   # distinct per (seed, epoch)
             # Drawn on the CPU (the same order on any device), then moved once per epoch:
             # a host-to-device copy every step would make the host wait for the GPU.
             self._perm_epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError, build_from_checkpoint, load_checkpoint, pick_device, run_main
+from utils import UserError, pick_device, run_main
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -172,15 +172,10 @@ def load_images(path):
 
 
 def sample_from_checkpoint(ckpt_path, n, *, steps=50, solver="euler", cfg_scale=1.0, ema=True, seed=0,
-                           batch_size=256, device="cpu"):
+                           batch_size=256, device="cpu", vae=None):
     """n images from a checkpoint, classes spread evenly; -> (uint8 NCHW, generation protocol)."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_from_checkpoint(ckpt, "ema" if ema else "model").to(device).eval()
-    decode = None
-    if ckpt.get("vae"):                 # a latent model: decode with its VAE, as sample.py does
-        from encode_latents import decode as vae_decode, load_vae
-        vae = load_vae(ckpt["vae"]["name"], device)
-        decode = lambda z: vae_decode(vae, z, ckpt["vae"]["scale_factor"])
+    from sample import load_for_sampling
+    ckpt, model, decode = load_for_sampling(ckpt_path, "ema" if ema else "model", device, vae)
     images = generate_n(model, n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
                         batch_size=batch_size, device=device, decode=decode)
     return images, {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "solver": solver,
@@ -189,11 +184,10 @@ def sample_from_checkpoint(ckpt_path, n, *, steps=50, solver="euler", cfg_scale=
 
 def generate_n(model, n, *, steps, solver="euler", cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None):
     """n images, classes in turn (the same labels for every model, so A/B arms match)."""
-    from sample import generate, grid_labels
-    labels = grid_labels(model.num_classes, n)
+    from sample import generate_many, grid_labels
     g = torch.Generator(device).manual_seed(seed)
-    return torch.cat([generate(model, labels[i:i + batch_size].to(device), steps=steps, solver=solver,
-                               cfg_scale=cfg_scale, generator=g, decode=decode).cpu() for i in range(0, n, batch_size)])
+    return generate_many(model, grid_labels(model.num_classes, n), batch_size=batch_size, generator=g, steps=steps,
+                         solver=solver, cfg_scale=cfg_scale, decode=decode)
 
 
 def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu"):
@@ -297,6 +291,8 @@ def main(argv=None):
     a("--cfg-scale", type=float, default=1.0, help="guidance scale with --ckpt (1 = none)")
     a("--raw-weights", action="store_true", help="with --ckpt, sample the raw weights instead of the EMA weights")
     a("--seed", type=int, default=0, help="seed for the initial noise with --ckpt")
+    a("--vae", default=None, help="with a latent --ckpt: the VAE that decodes it (default: the one the checkpoint "
+      "records); a local directory works offline")
     a("--ref-stats", default=None, help="reference statistics .npz (mu, sigma) instead of computing them from --ref-data")
     a("--ref-data", default="cifar10", help="reference data set, any that data.py loads (default: the CIFAR-10 training set)")
     a("--ref-data-path", default="data", help="where --ref-data is (as train.py's --data-path)")
@@ -322,6 +318,8 @@ def main(argv=None):
         raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
+    if args.batch_size < 1 or args.steps < 1:
+        raise UserError("--batch-size and --steps must be at least 1")
 
     fn, info = load_extractor(args.extractor, args.inception_weights, device)
     t0 = time.time()
@@ -329,7 +327,7 @@ def main(argv=None):
         n = args.num_samples or 50_000
         images, generation = sample_from_checkpoint(args.ckpt, n, steps=args.steps, solver=args.solver,
                                                     cfg_scale=args.cfg_scale, ema=not args.raw_weights, seed=args.seed,
-                                                    batch_size=args.batch_size, device=device)
+                                                    batch_size=args.batch_size, device=device, vae=args.vae)
     else:
         images, generation = load_images(args.samples)
         if args.num_samples:

@@ -41,7 +41,7 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0):
                 over all B*B ordered pairs, the diagonal included: the value lies in
                 [-log B, 0] and is exactly 0 for B = 1.
     infonce_cos the same log-mean-exp with D = -cos(z_i, z_j); diagonal included (cos = 1),
-                so the value lies in [-1/tau - log B, 1/tau].
+                so the value lies in [1/tau - log B, 1/tau].
     hinge       mean over the B*(B-1) pairs i != j of max(0, margin - ||z_i - z_j||^2 / d)^2.
                 The diagonal is left out: D(z_i, z_i) = 0 would add the constant margin^2
                 and no gradient. margin is ours to choose (the paper gives none): 1.0, half
@@ -52,7 +52,9 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0):
                 with the feature size. The d x d matrix is never formed: its squared
                 Frobenius norm equals that of the B x B Gram matrix of the samples.
 
-    Always computed in float32, whatever autocast is active, on z's own device.
+    Always computed in float32, whatever autocast is active, on z's own device. (Where TF32 is
+    switched on, as train.py does on a GPU, the one matrix product runs in TF32, whose 10-bit
+    mantissa slightly blurs the distances of samples that lie very close together.)
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown dispersive variant {variant!r}; choose one of {VARIANTS}")
@@ -91,6 +93,15 @@ def mean_sq_dist(z):
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.reshape(B, -1).float()
         return pairwise_sq_dists(z).sum() / (B * (B - 1) * z.shape[1])
+
+
+@torch.no_grad()
+def representation_diagnostics(feats, variant="infonce_l2", tau=0.5):
+    """Logged at every log step, for the baseline too: the dispersive loss of the regularised
+    block(s) (whatever its weight) and their mean pairwise squared distance / d, averaged
+    over the blocks. Returns a float32 tensor (2,)."""
+    return torch.stack([torch.stack([dispersive_loss(f, variant, tau) for f in feats]).mean(),
+                        torch.stack([mean_sq_dist(f) for f in feats]).mean()])
 
 
 def training_losses(model, x, y, *, disp_weight=0.5, disp_tau=0.5, disp_blocks=(3,),

@@ -29,7 +29,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden, freq_dim=256, t_scale=1000.0):
         super().__init__()
         self.freq_dim = freq_dim
-        # The sin-cos frequencies (periods 1 .. 10000) were designed for integer steps
+        # The sin-cos frequencies (periods 2*pi .. 2*pi*10000) were designed for integer steps
         # 0..1000; t in [0, 1] would only ever see the slowest few. Scale it up first.
         self.t_scale = t_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))

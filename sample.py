@@ -74,8 +74,33 @@ def generate(model, labels, *, steps=50, solver="euler", cfg_scale=1.0, generato
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def generate_many(model, labels, *, batch_size=256, generator=None, progress=False, **kwargs):
+    """generate() in batches for any number of labels; kwargs go to generate()."""
+    chunks, device = [], next(model.parameters()).device
+    for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress):
+        y = labels[i:i + batch_size].to(device)
+        chunks.append(generate(model, y, generator=generator, **kwargs).cpu())
+    return torch.cat(chunks)
+
+
+def load_for_sampling(ckpt_path, weights="ema", device="cpu", vae=None):
+    """(checkpoint, model, decode) from a checkpoint file. decode is None for pixel models; for
+    latent models it decodes with the VAE recorded in the checkpoint (or the `vae` given)."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = build_from_checkpoint(ckpt, weights).to(device).eval()
+    decode = None
+    if ckpt.get("vae"):
+        from encode_latents import decode as vae_decode, load_vae
+        vae_model = load_vae(vae or ckpt["vae"]["name"], device)
+        if vae_model.config.latent_channels != model.in_channels:
+            raise UserError(f"the VAE has {vae_model.config.latent_channels} latent channels, the model {model.in_channels}")
+        decode = lambda z: vae_decode(vae_model, z, ckpt["vae"]["scale_factor"])
+    return ckpt, model, decode
+
+
 def grid_labels(num_classes, n):
-    """Labels for a grid: class k in column k, so rows repeat 0..K-1 (unconditional: null)."""
+    """Labels 0, 1, ..., K-1, 0, 1, ... (unconditional: all null). With K columns per grid
+    row, class k fills column k."""
     if num_classes == 0:
         return torch.zeros(n, dtype=torch.long)
     return torch.arange(n) % num_classes
@@ -121,22 +146,16 @@ def main():
     p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes them (default: the one recorded "
                    "in the checkpoint); a local directory works offline")
     args = p.parse_args()
-    if args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    for name in ("steps", "batch_size", "num_samples", "nrow"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if not math.isfinite(args.cfg_scale):
         raise UserError("--cfg-scale must be finite")
 
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    model = build_from_checkpoint(ckpt, "model" if args.raw_weights else "ema").to(device).eval()
+    ckpt, model, decode = load_for_sampling(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)
     K = model.num_classes
-    decode = None
-    if ckpt.get("vae"):                        # a latent model: decode with the VAE its latents came from
-        from encode_latents import decode as vae_decode, load_vae
-        vae = load_vae(args.vae or ckpt["vae"]["name"], device)
-        if vae.config.latent_channels != model.in_channels:
-            raise UserError(f"the VAE has {vae.config.latent_channels} latent channels, the model {model.in_channels}")
-        decode = lambda z: vae_decode(vae, z, ckpt["vae"]["scale_factor"])
     nrow = args.nrow or (min(K, 16) if K else 8)
 
     if args.class_labels is not None and K > 0:
@@ -147,15 +166,11 @@ def main():
     else:
         n = args.num_samples or nrow * 8
         # For an .npz the classes are spread evenly, as FID protocols expect.
-        labels = grid_labels(K, n) if K else torch.full((n,), 0, dtype=torch.long)
+        labels = grid_labels(K, n)
 
     g = torch.Generator(device).manual_seed(args.seed)
-    chunks = []
-    for i in tqdm(range(0, n, args.batch_size), desc="sampling", unit="batch"):
-        y = labels[i:i + args.batch_size].to(device)
-        chunks.append(generate(model, y, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, generator=g,
-                               decode=decode).cpu())
-    images = torch.cat(chunks)
+    images = generate_many(model, labels, batch_size=args.batch_size, generator=g, progress=True, steps=args.steps,
+                           solver=args.solver, cfg_scale=args.cfg_scale, decode=decode)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.out.endswith(".npz"):

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import DATASETS, BatchStream, load_dataset
-from loss import VARIANTS, dispersive_loss, mean_sq_dist, training_losses
+from loss import VARIANTS, representation_diagnostics, training_losses
 from model import MODELS, build_model
 from sample import generate, grid_labels, save_grid
 from utils import (UserError, autocast, find_resume_checkpoint, list_checkpoints, pick_device, run_main,
@@ -94,11 +94,19 @@ def check_args(args):
         raise UserError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
     if args.fid_every < 0 or (args.fid_every and args.fid_samples < 2):
         raise UserError("--fid-every must be >= 0 and --fid-samples at least 2")
-    for name in ("batch_size", "steps", "log_every", "sample_steps"):
+    for name in ("batch_size", "steps", "log_every", "sample_steps", "ckpt_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.disp_weight > 0 and args.batch_size == 1:
-        print("warning: with --batch-size 1 the dispersive loss is constant (0) and does nothing", file=sys.stderr)
+    for name in ("warmup_steps", "sample_every", "keep_ckpts"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.p_uncond > 1 or not math.isfinite(args.sample_cfg):
+        raise UserError("--p-uncond must lie in [0, 1] and --sample-cfg must be finite")
+    if args.image_size is not None and (args.image_size < 1 or args.data not in ("folder", "latents")):
+        raise UserError(f"--image-size {args.image_size}: only --data folder (and latents) take it, and it must be >= 1")
+    if args.out is None and args.resume:      # --resume RUN_DIR (or RUN_DIR/checkpoints/x.pt) continues that run
+        path = os.path.normpath(args.resume)
+        args.out = os.path.dirname(os.path.dirname(path)) if os.path.isfile(path) else path
     if args.out is None:
         args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}_w{args.disp_weight:g}_s{args.seed}")
 
@@ -120,11 +128,14 @@ def parse_blocks(spec, depth):
     return blocks
 
 
+NEVER = 2 ** 62
+
+
 def check_finite(first_bad):
-    """first_bad: the first step at which (flow, dispersive) was non-finite, -1 if never."""
+    """first_bad: the first step at which (flow, dispersive) was non-finite, NEVER if never."""
     steps = first_bad.tolist()
-    if max(steps) >= 0:
-        names = [f"{name} (step {s})" for name, s in zip(("flow", "dispersive"), steps) if s >= 0]
+    if min(steps) < NEVER:
+        names = [f"{name} (step {s})" for name, s in zip(("flow", "dispersive"), steps) if s < NEVER]
         raise UserError(f"the loss became non-finite: {', '.join(names)}; stopping without saving "
                         f"(the checkpoints on disk are from before)")
 
@@ -158,10 +169,17 @@ class Logger:
             # Resuming: drop what the interrupted run logged after its last checkpoint, so
             # the log reads as one uninterrupted run.
             with open(path) as f:
-                lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= keep_until_step]
+                lines = [l for l in f if self._keep(l, keep_until_step)]
             with open(path + ".tmp", "w") as f:
                 f.writelines(lines)
             os.replace(path + ".tmp", path)
+
+    @staticmethod
+    def _keep(line, until):
+        try:
+            return json.loads(line).get("step", 0) <= until
+        except ValueError:        # a line torn by a kill in mid-write
+            return False
 
     def __call__(self, **record):
         if self.enabled:
@@ -176,6 +194,8 @@ def main(argv=None):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if ddp:
         rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        if ":" in args.device:
+            raise UserError(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK")
         device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() and args.device in ("auto", "cuda") else pick_device(args.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -183,6 +203,8 @@ def main(argv=None):
     else:
         rank, world, device = 0, 1, pick_device(args.device)
     main_proc = rank == 0
+    if args.disp_weight > 0 and args.batch_size // world == 1 and main_proc:
+        print("warning: with 1 sample per process the dispersive loss is constant (0) and does nothing", file=sys.stderr)
     torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32
     torch.backends.cudnn.allow_tf32 = True
 
@@ -250,6 +272,13 @@ def main(argv=None):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if main_proc:
             print(f"resumed from {resume_path} at step {start_step}")
+            changed = [k for k in ("seed", "batch_size", "lr", "disp_weight", "disp_tau", "disp_block", "disp_variant",
+                                   "p_uncond", "ema_decay", "data") if ckpt["args"].get(k) != getattr(args, k)]
+            if changed:
+                print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
+                      f"the run will not match an uninterrupted one", file=sys.stderr)
+            if start_step >= args.steps:
+                print(f"nothing to do: the checkpoint is at step {start_step} and --steps is {args.steps}")
     n_params = sum(p.numel() for p in model.parameters())
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     if args.compile:
@@ -282,7 +311,7 @@ def main(argv=None):
         local = args.batch_size // world
         mine = slice(rank * local, (rank + 1) * local)
         gen = torch.Generator(device)
-        first_bad = torch.full((2,), -1, device=device)      # first step each term was non-finite
+        first_bad = torch.full((2,), NEVER, device=device)   # first step each term was non-finite
         t_last, step_last = time.perf_counter(), start_step
         fid_eval = None                              # fid.TrainingFID, built on first use
         net.train()
@@ -292,8 +321,9 @@ def main(argv=None):
                 group["lr"] = lr
             idx = stream.indices(step)               # already where the data set is: no copy, no sync
             # All randomness of a step comes from (seed, step) and is drawn for the whole global
-            # batch, each rank taking its slice: a run gives the same numbers on 1 or 8 GPUs,
-            # and resumes exactly.
+            # batch, each rank taking its slice: 1 or 8 GPUs see the same samples and noise (the
+            # dispersive term, computed per GPU, is the only difference), and resume is exact.
+            # The odd multiplier keeps the seeds of (seed, step) and (seed + 1, step') apart.
             gen.manual_seed(args.seed * 1_000_003 + step)
             B = args.batch_size
             flip = (torch.rand(B, device=device, generator=gen) < 0.5)[mine]
@@ -320,22 +350,19 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             decay = min(args.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
+            with torch.no_grad():   # ema = decay * ema + (1 - decay) * w, all tensors in one kernel
                 torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
             bad = ~torch.isfinite(torch.stack([losses["flow"].detach(), losses["disp"].detach()]))
-            first_bad = torch.where((first_bad < 0) & bad, step + 1, first_bad)
+            first_bad = torch.where(bad, torch.clamp(first_bad, max=step + 1), first_bad)   # no sync
             done = step + 1
 
             if log_now:
-                with torch.no_grad():   # diagnostics of the regularised block(s), even at weight 0
-                    feats = losses["feats"]
-                    diag = torch.stack([torch.stack([dispersive_loss(f, args.disp_variant, args.disp_tau) for f in feats]).mean(),
-                                        torch.stack([mean_sq_dist(f) for f in feats]).mean()])
+                diag = representation_diagnostics(losses["feats"], args.disp_variant, args.disp_tau)
                 vals = torch.cat([torch.stack([losses["flow"], losses["disp"], losses["total"]]).detach().float(), diag])
                 if ddp:
                     dist.all_reduce(vals)
                     vals /= world
-                    dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
                 flow, disp, total, disp_diag, dist_diag = vals.tolist()
                 check_finite(first_bad)
                 now = time.perf_counter()

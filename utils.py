@@ -28,6 +28,9 @@ def run_main(main):
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def pick_device(name="auto"):
@@ -130,6 +133,8 @@ def build_from_checkpoint(ckpt, weights="ema"):
     from model import build_model
     cfg = ckpt["model_config"]
     model = build_model(cfg["name"], cfg["image_size"], cfg["in_channels"], cfg["num_classes"])
+    if weights not in ckpt:
+        raise UserError(f"the checkpoint has no {weights!r} weights")
     state = ckpt[weights]
     try:
         model.load_state_dict(state)

@@ -128,6 +128,18 @@ def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, capsys
     assert "skipping unreadable checkpoint" in capsys.readouterr().err
 
 
+def test_resume_after_a_torn_log_line_and_from_the_run_directory(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "step": 3, "flo')             # killed in mid-write
+    args = tiny_args(image_folder, out, "--steps", "4")
+    i = args.index("--out")
+    train.main(args[:i] + args[i + 2:] + ["--resume", str(out)])  # no --out: the run directory is --resume's
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["step_0000004.pt", "step_0000002.pt"]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == [2, 4]
+
+
 def test_disk_full_during_checkpoint_write(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train.main(tiny_args(image_folder, out, "--steps", "2"))
@@ -186,6 +198,9 @@ def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
     (["--model", "DiT-Huge/2"], "invalid choice: 'DiT-Huge/2'"),
     (["--disp-variant", "nope"], "invalid choice: 'nope'"),
     (["--resume", "/nonexistent/run"], "no such file or run directory"),
+    (["--p-uncond", "1.5"], "--p-uncond must lie in [0, 1]"),
+    (["--image-size", "-4"], "--image-size -4"),
+    (["--ckpt-every", "0"], "--ckpt-every must be at least 1"),
 ])
 def test_bad_flags(image_folder, tmp_path, flags, message):
     assert message in bad(tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--model", "DiT-S/2", *flags))
