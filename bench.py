@@ -28,6 +28,7 @@ from data import BatchStream, ImageSet
 from loss import training_losses
 from model import MODELS, build_model
 from sample import generate
+from train import step_randomness, update
 from utils import UserError, autocast, pick_device, run_main
 
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets (the "with sparsity"
@@ -122,23 +123,14 @@ def make_train_step(args, device, disp_weight, compile_model):
     gen = torch.Generator(device)
     blocks = (args.disp_block or max(1, model.depth // 4),)
 
-    def step(i):
+    def step(i):   # the body of train.py's loop, with its defaults (p_uncond 0.1, clipping 1.0)
         x, y = data.batch(stream.indices(i % stream.steps_per_epoch))
-        gen.manual_seed(i)
-        flip = torch.rand(B, device=device, generator=gen) < 0.5
-        eps = torch.randn((B, C, H, H), device=device, generator=gen)
-        t = torch.rand(B, device=device, generator=gen)
-        drop = torch.rand(B, device=device, generator=gen) < 0.1
+        flip, eps, t, drop = step_randomness(gen, 0, i, (B, C, H, H), 0.1)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         with autocast(device):
             losses = training_losses(net, x, y, disp_weight=disp_weight, disp_tau=args.disp_tau, disp_blocks=blocks,
                                      null_label=args.num_classes, eps=eps, t=t, drop=drop)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-4)
+        update(model, ema, opt, losses["total"], 1.0, min(0.9999, (1 + i) / (10 + i)))
     return step
 
 

@@ -128,6 +128,32 @@ def parse_blocks(spec, depth):
     return blocks
 
 
+def step_randomness(gen, seed, step, shape, p_uncond, mine=slice(None)):
+    """Flip mask, noise, times and label-drop mask of one step. All randomness of a step comes
+    from (seed, step) and is drawn for the whole global batch (shape[0] samples), each rank
+    taking its slice `mine`: 1 or 8 GPUs see the same samples and noise (the dispersive term,
+    computed per GPU, is the only difference), and resume is exact. The odd multiplier keeps
+    the seeds of (seed, step) and (seed + 1, step') apart."""
+    gen.manual_seed(seed * 1_000_003 + step)
+    B, device = shape[0], gen.device
+    flip = (torch.rand(B, device=device, generator=gen) < 0.5)[mine]
+    eps = torch.randn(shape, device=device, generator=gen)[mine]
+    t = torch.rand(B, device=device, generator=gen)[mine]
+    drop = (torch.rand(B, device=device, generator=gen) < p_uncond)[mine]
+    return flip, eps, t, drop
+
+
+def update(model, ema, opt, loss, grad_clip, ema_decay):
+    """Backward, gradient clipping, the AdamW step, then the EMA of the weights."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    with torch.no_grad():   # ema = decay * ema + (1 - decay) * w, all tensors in one kernel
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - ema_decay)
+
+
 NEVER = 2 ** 62
 
 
@@ -320,16 +346,7 @@ def main(argv=None):
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = stream.indices(step)               # already where the data set is: no copy, no sync
-            # All randomness of a step comes from (seed, step) and is drawn for the whole global
-            # batch, each rank taking its slice: 1 or 8 GPUs see the same samples and noise (the
-            # dispersive term, computed per GPU, is the only difference), and resume is exact.
-            # The odd multiplier keeps the seeds of (seed, step) and (seed + 1, step') apart.
-            gen.manual_seed(args.seed * 1_000_003 + step)
-            B = args.batch_size
-            flip = (torch.rand(B, device=device, generator=gen) < 0.5)[mine]
-            eps = torch.randn((B, C, H, W), device=device, generator=gen)[mine]
-            t = torch.rand(B, device=device, generator=gen)[mine]
-            drop = (torch.rand(B, device=device, generator=gen) < args.p_uncond)[mine]
+            flip, eps, t, drop = step_randomness(gen, args.seed, step, (args.batch_size, C, H, W), args.p_uncond, mine)
             # Latent sets draw their posterior noise from gen too, after the draws above (image
             # sets draw nothing, so their numbers do not depend on this order).
             x, y = data.batch(idx, generator=gen)
@@ -344,14 +361,7 @@ def main(argv=None):
                                          disp_blocks=disp_blocks, disp_variant=args.disp_variant,
                                          null_label=num_classes if num_classes else None, p_uncond=args.p_uncond,
                                          eps=eps, t=t, drop=drop, return_feats=log_now)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():   # ema = decay * ema + (1 - decay) * w, all tensors in one kernel
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+            update(model, ema, opt, losses["total"], args.grad_clip, min(args.ema_decay, (1 + step) / (10 + step)))
             bad = ~torch.isfinite(torch.stack([losses["flow"].detach(), losses["disp"].detach()]))
             first_bad = torch.where(bad, torch.clamp(first_bad, max=step + 1), first_bad)   # no sync
             done = step + 1
