@@ -221,7 +221,7 @@ def fid_name(info, n):
 
 class TrainingFID:
     """Periodic FID during training (train.py --fid-every): the extractor and the reference
-    statistics (the training set, or --fid-ref-stats) are loaded once, on first use."""
+    statistics (the training set, or --fid-ref-stats) are loaded once, when training starts."""
 
     def __init__(self, extractor, weights, ref_stats, train_images, device):
         if train_images is None or train_images.dtype != torch.uint8:

@@ -26,11 +26,13 @@ def velocity_target(x, eps):
 
 def pairwise_sq_dists(z):
     """(B, d) -> (B, B) squared Euclidean distances, from one matrix product:
-    ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b. Clamped at 0 because rounding can make the
-    diagonal slightly negative. (The released code used F.pdist: a sqrt then a square,
-    float32-only on CUDA and without tensor cores.)"""
+    ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b. The subtraction cancels badly for vectors with
+    large norms, so the diagonal (exactly 0) is set by hand and the rest clamped at 0.
+    (The released code used F.pdist: a sqrt then a square, float32-only on CUDA and
+    without tensor cores.)"""
     sq = (z * z).sum(dim=1)
-    return (sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)).clamp_min(0.0)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)).clamp_min(0.0)
+    return d2 * (1.0 - torch.eye(len(z), device=z.device, dtype=z.dtype))
 
 
 def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0):

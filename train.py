@@ -273,6 +273,11 @@ def main(argv=None):
         raise UserError("--fid-every needs the training images as its reference; for latents, run fid.py on "
                         "sample.py's .npz with --ref-stats (see the README's ImageNet section)")
 
+    fid_eval = None
+    if main_proc and args.fid_every:   # extractor and reference statistics now: a missing file fails here, not hours in
+        import fid                     # (torch-fidelity is only needed when asked for)
+        fid_eval = fid.TrainingFID(args.fid_extractor, args.inception_weights, args.fid_ref_stats, data.images, device)
+
     # --- model, EMA, optimiser -----------------------------------------------------------
     torch.manual_seed(args.seed)
     try:
@@ -339,7 +344,6 @@ def main(argv=None):
         gen = torch.Generator(device)
         first_bad = torch.full((2,), NEVER, device=device)   # first step each term was non-finite
         t_last, step_last = time.perf_counter(), start_step
-        fid_eval = None                              # fid.TrainingFID, built on first use
         net.train()
         for step in range(start_step, args.steps):
             lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
@@ -390,11 +394,7 @@ def main(argv=None):
                 imgs = generate(ema, grid_labels(num_classes, n).to(device), steps=args.sample_steps,
                                 cfg_scale=args.sample_cfg, generator=g, decode=decode)
                 save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
-            if main_proc and args.fid_every and done % args.fid_every == 0:
-                import fid                            # loads torch-fidelity only when asked for
-                if fid_eval is None:
-                    fid_eval = fid.TrainingFID(args.fid_extractor, args.inception_weights, args.fid_ref_stats,
-                                               getattr(data, "images", None), device)   # None for latents
+            if fid_eval is not None and done % args.fid_every == 0:
                 ema.eval()
                 log(type="fid", step=done, **fid_eval(ema, args.fid_samples, args.sample_steps, args.sample_cfg, args.seed))
             if ddp and done % args.log_every == 0:   # agree on a stop signal at log steps
