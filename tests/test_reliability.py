@@ -38,7 +38,7 @@ def wait_for(cond, timeout=60):
 def test_sigkill_loop_never_loses_the_latest_checkpoint(image_folder, tmp_path):
     out = tmp_path / "run"
     rng = random.Random(0)
-    kills, verified, newest_step = 0, 0, 0
+    kills, verified, newest_step, torn = 0, 0, 0, 0
     for i in range(5):
         # A checkpoint every step (about 20 MB each), so kills land inside writes too.
         extra = ["--steps", "100000", "--ckpt-every", "1", "--keep-ckpts", "2", "--log-every", "5"]
@@ -49,11 +49,13 @@ def test_sigkill_loop_never_loses_the_latest_checkpoint(image_folder, tmp_path):
         proc.kill()
         proc.wait()
         kills += 1
+        torn += bool(glob.glob(str(out / "checkpoints" / "*.tmp*")))   # the kill landed inside a write
         ckpt = load_checkpoint(list_checkpoints(out)[0])          # the newest must always load
         assert ckpt["step"] >= newest_step                        # and the run never went backwards
         newest_step = ckpt["step"]
         verified += 1
-    print(f"kill loop: {kills} SIGKILLs, {verified} newest checkpoints verified, last at step {newest_step}")
+    print(f"kill loop: {kills} SIGKILLs ({torn} inside a checkpoint write), {verified} newest checkpoints "
+          f"verified, none lost, last at step {newest_step}")
     # A last resume finishes cleanly from wherever the kills left it and removes the leftovers.
     r = run_script(*fast_args(image_folder, out, "--steps", str(newest_step + 2), "--resume"))
     assert r.returncode == 0, r.stderr
