@@ -272,6 +272,7 @@ def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
     with torch.no_grad():
         pred = torch.cat([net(ds.images[val[i:i + 500]].to(device)).argmax(1).cpu() for i in range(0, n_val, 500)])
     acc = (pred == ds.labels[val]).float().mean().item()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save({"kind": "fd-classifier", "state": {k: v.cpu() for k, v in net.state_dict().items()},
                 "in_channels": ds.shape[0], "num_classes": ds.num_classes, "data": data,
                 "held_out_accuracy": acc, "epochs": epochs, "seed": seed}, out)

@@ -106,7 +106,13 @@ def check_args(args):
         raise UserError(f"--image-size {args.image_size}: only --data folder (and latents) take it, and it must be >= 1")
     if args.out is None and args.resume:      # --resume RUN_DIR (or RUN_DIR/checkpoints/x.pt) continues that run
         path = os.path.normpath(args.resume)
-        args.out = os.path.dirname(os.path.dirname(path)) if os.path.isfile(path) else path
+        if not os.path.isfile(path):
+            args.out = path
+        elif os.path.basename(os.path.dirname(path)) == "checkpoints":
+            args.out = os.path.dirname(os.path.dirname(path))
+        else:
+            raise UserError(f"--resume {args.resume!r} is a checkpoint outside a run directory; say where the run "
+                            f"continues with --out")
     if args.out is None:
         args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}_w{args.disp_weight:g}_s{args.seed}")
 
@@ -300,6 +306,12 @@ def main(argv=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])       # after the optimiser exists (the released code did it before)
         start_step = ckpt["step"]
+        newer = [p for p in list_checkpoints(args.out) if int(os.path.basename(p)[5:-3]) > start_step]
+        if newer and os.path.isfile(args.resume):
+            # Continuing from an older file would interleave two histories in one directory
+            # (and the newest-first pruning could delete what this run writes).
+            raise UserError(f"{args.out!r} has checkpoints newer than {resume_path!r} ({newer[0]}); move them "
+                            f"away to restart from the older one, or choose another --out")
         torch.set_rng_state(ckpt["rng"]["torch"])
         if main_proc:
             print(f"resumed from {resume_path} at step {start_step}")
@@ -404,6 +416,8 @@ def main(argv=None):
                     stop["signal"] = "a signal on another rank"
             stopping = stop["signal"] is not None and (not ddp or done % args.log_every == 0)
             if done % args.ckpt_every == 0 or done == args.steps or stopping:
+                if ddp:                    # every rank must agree before saving
+                    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
                 check_finite(first_bad)
                 path = save_checkpoint(done)
                 if stopping:

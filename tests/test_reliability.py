@@ -142,6 +142,19 @@ def test_resume_after_a_torn_log_line_and_from_the_run_directory(image_folder, t
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == [2, 4]
 
 
+def test_resume_from_an_older_file_or_a_stray_file_is_refused(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "4", "--ckpt-every", "2", "--keep-ckpts", "0"))
+    older = str(out / "checkpoints" / "step_0000002.pt")
+    assert "has checkpoints newer than" in bad(tmp_path, *tiny_args(image_folder, out, "--steps", "6", "--resume", older))
+    stray = tmp_path / "best.pt"
+    stray.write_bytes(open(older, "rb").read())
+    args = tiny_args(image_folder, out, "--steps", "6")
+    i = args.index("--out")
+    assert "outside a run directory" in bad(tmp_path, *(args[:i] + args[i + 2:]), "--resume", str(stray))
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["step_0000004.pt", "step_0000002.pt"]
+
+
 def test_disk_full_during_checkpoint_write(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train.main(tiny_args(image_folder, out, "--steps", "2"))
