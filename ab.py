@@ -178,10 +178,13 @@ def main(argv=None):
       "or a classifier .pt (FD-classifier, offline, not FID)")
     a("--inception-weights", default=None, help="local Inception weights file (offline)")
     a("--ref-stats", default=None, help="reference statistics .npz (default: computed from each run's training data)")
-    a("--sample-steps", type=int, default=50, help="Euler steps for the evaluation samples")
+    a("--sample-steps", type=int, default=None, help="solver steps for the evaluation samples (default: 50 Euler "
+      "steps; 1 jump for --objective meanflow runs)")
     a("--sample-seed", type=int, default=0, help="noise seed for the evaluation samples (the same for every run)")
     a("--eval-device", default="auto", help="device for the evaluation: auto, cpu, cuda, cuda:N, mps")
     args, train_args = p.parse_known_args(argv)
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise UserError(f"--sample-steps must be at least 1, got {args.sample_steps}")
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
     if any(a.split("=")[0] in ("--seed", "--steps", "--disp-weight", "--out", "--resume") for a in train_args):

@@ -3,6 +3,7 @@
     python bench.py                                    # DiT-S/2, CIFAR-10 shapes, batch 256, eager
     python bench.py --model DiT-B/2 --compile          # eager and torch.compile, side by side
     python bench.py --device cpu --model DiT-Mi/4 --batch-size 16 --steps 3 --warmup 1
+    python bench.py --objective meanflow --compile     # MeanFlow's step (its JVP) and 1-step sampling
 
 Each row times the very step train.py runs (batch from the device-resident data set, flips,
 noise, bf16 autocast on CUDA, forward, backward, clipping, fused AdamW, EMA), once with the
@@ -14,6 +15,12 @@ analytically (forward_macs): a training step costs 6 x forward MACs per image (a
 multiply-add is 2 FLOPs; the backward pass costs twice the forward), a sampling step
 2 x forward MACs. Only the network counts, not the dispersive term, the optimiser or the
 noise: time spent there lowers the MFU, as it should.
+
+MeanFlow steps (--objective meanflow) count 10 x forward MACs per image: the forward pass
+(2), the target's Jacobian-vector product (primal and tangent, 2 + 2) and the backward (4).
+That slightly undercounts (the tangent of an attention product takes two products), so the
+MeanFlow MFU errs low.
+Its attention runs on SDPA's math kernel inside the JVP (flash has no forward-mode rule).
 """
 import argparse
 import copy
@@ -25,7 +32,7 @@ import time
 import torch
 
 from data import BatchStream, ImageSet
-from loss import training_losses
+from loss import meanflow_losses, meanflow_target, meanflow_times, training_losses
 from model import MODELS, build_model
 from sample import generate
 from train import step_randomness, update
@@ -110,10 +117,12 @@ def make_train_step(args, device, disp_weight, compile_model):
     """A fresh model, EMA and optimiser, and a function that runs training step i as train.py does."""
     torch.manual_seed(0)
     C, H, B = args.channels, args.image_size, args.batch_size
-    model = build_model(args.model, H, C, args.num_classes).to(device)
+    mf = args.objective == "meanflow"
+    model = build_model(args.model, H, C, args.num_classes, mean_flow=mf).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     net = torch.compile(model) if compile_model else model
+    target_fn = torch.compile(meanflow_target) if compile_model and mf else meanflow_target
     # Random uint8 images stand in for the data set; they live on the device as in train.py.
     # Step i reads batch i % 4 of one epoch, so no new permutation is drawn while timing.
     n = 4 * B
@@ -127,16 +136,22 @@ def make_train_step(args, device, disp_weight, compile_model):
         x, y = data.batch(stream.indices(i % stream.steps_per_epoch))
         flip, eps, t, drop = step_randomness(gen, 0, i, (B, C, H, H), 0.1)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        common = dict(disp_weight=disp_weight, disp_tau=args.disp_tau, disp_blocks=blocks,
+                      null_label=args.num_classes, eps=eps, t=t, drop=drop)
         with autocast(device):
-            losses = training_losses(net, x, y, disp_weight=disp_weight, disp_tau=args.disp_tau, disp_blocks=blocks,
-                                     null_label=args.num_classes, eps=eps, t=t, drop=drop)
+            if mf:   # train.py's defaults: 25% of r != t, no guidance, the JVP in float32
+                common["t"], r = meanflow_times(B, gen, device)
+                losses = meanflow_losses(net, x, y, r=r, target_model=model, target_fn=target_fn, **common)
+            else:
+                losses = training_losses(net, x, y, **common)
         update(model, ema, opt, losses["total"], 1.0, min(0.9999, (1 + i) / (10 + i)))
     return step
 
 
 def make_sample_batch(args, device, compile_model):
     torch.manual_seed(0)
-    model = build_model(args.model, args.image_size, args.channels, args.num_classes).to(device).eval()
+    model = build_model(args.model, args.image_size, args.channels, args.num_classes,
+                        mean_flow=args.objective == "meanflow").to(device).eval()
     for p in model.parameters():   # a fresh DiT outputs exactly 0; give it weights that do something
         torch.nn.init.normal_(p, std=0.02)
     net = torch.compile(model) if compile_model else model
@@ -160,13 +175,16 @@ def get_args(argv=None):
     a("--steps", type=int, default=10, help="timed training steps per round")
     a("--rounds", type=int, default=3, help="rounds of --steps steps; the median round is reported")
     a("--warmup", type=int, default=5, help="untimed steps before timing (compilation happens here)")
-    a("--sample-steps", type=int, default=50, help="Euler steps per sampling batch")
+    a("--objective", default="flow", choices=("flow", "meanflow"), help="the training objective to time")
+    a("--sample-steps", type=int, default=None, help="sampling steps per batch (default: 50 Euler; MeanFlow: 1 jump)")
     a("--sample-batch", type=int, default=None, help="images per sampling batch (default: --batch-size)")
     a("--sample-batches", type=int, default=2, help="timed sampling batches (0: do not time sampling)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--peak-tflops", type=float, default=None,
       help="the device's peak dense FLOP/s in TFLOP/s for MFU (default: known GPUs; MFU is n/a otherwise)")
     args = p.parse_args(argv)
+    if args.sample_steps is None:
+        args.sample_steps = 1 if args.objective == "meanflow" else 50
     for name in ("batch_size", "image_size", "channels", "num_classes", "steps", "rounds", "sample_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -216,7 +234,7 @@ def main(argv=None):
         secs, warms = timed(steps, args.warmup, args.steps, args.rounds, device)
         peak_mem = mem()    # of the two models together
         for w, sec, warm in zip(weights, secs, warms):
-            flops = 6 * macs * args.batch_size / sec
+            flops = (10 if args.objective == "meanflow" else 6) * macs * args.batch_size / sec
             over = f"{100 * (sec - secs[0]) / secs[0]:+.1f}%" if w else "-"
             train_rows.append([mode, f"{w:g}", f"{1000 * sec:.1f}", f"{args.batch_size / sec:.0f}",
                                f"{flops / 1e12:.3g}", fmt_mfu(flops), over, f"{warm:.0f}", peak_mem])
@@ -237,7 +255,8 @@ def main(argv=None):
     print(f"{args.model}, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
           f"{macs / 1e9:.3f} GMACs forward per image; median of {args.rounds} rounds of {args.steps} steps "
           f"after {args.warmup} warmup steps; "
-          f"sampling: {args.sample_steps} Euler steps, batch {args.sample_batch}, no guidance")
+          f"objective {args.objective}; sampling: {args.sample_steps} "
+          f"{'MeanFlow jumps' if args.objective == 'meanflow' else 'Euler steps'}, batch {args.sample_batch}, no guidance")
     table(["training", "disp weight", "ms / step", "images/s", "TFLOP/s", "MFU", "dispersive overhead",
            "warmup s", "peak mem GB (both)"], train_rows)
     if sample_rows:

@@ -171,18 +171,20 @@ def load_images(path):
     raise UserError(f"--samples {path!r}: expected an .npz file or a directory of images")
 
 
-def sample_from_checkpoint(ckpt_path, n, *, steps=50, solver="euler", cfg_scale=1.0, ema=True, seed=0,
+def sample_from_checkpoint(ckpt_path, n, *, steps=None, solver=None, cfg_scale=1.0, ema=True, seed=0,
                            batch_size=256, device="cpu", vae=None):
-    """n images from a checkpoint, classes spread evenly; -> (uint8 NCHW, generation protocol)."""
-    from sample import load_for_sampling
+    """n images from a checkpoint, classes spread evenly; -> (uint8 NCHW, generation protocol).
+    solver and steps default to the checkpoint's (sample.default_sampler)."""
+    from sample import default_sampler, load_for_sampling
     ckpt, model, decode = load_for_sampling(ckpt_path, "ema" if ema else "model", device, vae)
+    solver, steps = solver or default_sampler(model)[0], steps or default_sampler(model)[1]
     images = generate_n(model, n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
                         batch_size=batch_size, device=device, decode=decode)
     return images, {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "solver": solver,
                     "steps": steps, "cfg_scale": cfg_scale, "ema": ema, "seed": seed}
 
 
-def generate_n(model, n, *, steps, solver="euler", cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None):
+def generate_n(model, n, *, steps=None, solver=None, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None):
     """n images, classes in turn (the same labels for every model, so A/B arms match)."""
     from sample import generate_many, grid_labels
     g = torch.Generator(device).manual_seed(seed)
@@ -235,10 +237,12 @@ class TrainingFID:
             self.ref = {"data": "the training set", "num_images": len(train_images)}
 
     def __call__(self, model, n, steps, cfg_scale, seed):
-        images = generate_n(model, n, steps=steps, cfg_scale=cfg_scale, seed=seed, device=self.device)
+        from sample import default_sampler
+        solver, steps = default_sampler(model)[0], steps or default_sampler(model)[1]
+        images = generate_n(model, n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, device=self.device)
         mu, sigma = statistics(features(self.fn, images, device=self.device))
         return {"metric": fid_name(self.info, n), "value": frechet_distance(mu, sigma, self.mu, self.sigma),
-                "num_samples": n, "solver": "euler", "steps": steps, "cfg_scale": cfg_scale, "ema": True,
+                "num_samples": n, "solver": solver, "steps": steps, "cfg_scale": cfg_scale, "ema": True,
                 "extractor": self.info["name"]}
 
 
@@ -287,8 +291,9 @@ def main(argv=None):
     a("--samples", default=None, help="images to score: sample.py's .npz (arr_0 uint8 NHWC) or a directory of images")
     a("--ckpt", default=None, help="or a checkpoint: fid.py draws --num-samples images from it first")
     a("--num-samples", type=int, default=None, help="images to score (default: all of --samples; 50000 with --ckpt)")
-    a("--solver", default="euler", choices=("euler", "heun"), help="ODE solver with --ckpt")
-    a("--steps", type=int, default=50, help="solver steps with --ckpt")
+    a("--solver", default=None, choices=("euler", "heun", "meanflow"),
+      help="ODE solver with --ckpt (default: euler; meanflow for MeanFlow checkpoints)")
+    a("--steps", type=int, default=None, help="solver steps with --ckpt (default: 50; 1 for MeanFlow checkpoints)")
     a("--cfg-scale", type=float, default=1.0, help="guidance scale with --ckpt (1 = none)")
     a("--raw-weights", action="store_true", help="with --ckpt, sample the raw weights instead of the EMA weights")
     a("--seed", type=int, default=0, help="seed for the initial noise with --ckpt")
@@ -319,7 +324,7 @@ def main(argv=None):
         raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
-    if args.batch_size < 1 or args.steps < 1:
+    if args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise UserError("--batch-size and --steps must be at least 1")
 
     fn, info = load_extractor(args.extractor, args.inception_weights, device)

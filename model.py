@@ -36,8 +36,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * self.t_scale)[:, None] * freqs[None]          # (B, half)
+        dtype = torch.promote_types(t.dtype, torch.float32)                # float32, or float64 in tests
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=dtype) / half)
+        args = (t.to(dtype) * self.t_scale)[:, None] * freqs[None]         # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)        # (B, freq_dim)
         return self.mlp(emb)
 
@@ -131,7 +132,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, image_size=32, in_channels=3, patch=2, hidden=384, depth=12, heads=6,
-                 mlp_ratio=4.0, num_classes=10):
+                 mlp_ratio=4.0, num_classes=10, mean_flow=False):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image size {image_size} is not divisible by the patch size {patch}")
@@ -140,7 +141,16 @@ class DiT(nn.Module):
         self.grid = image_size // patch
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid, self.grid).unsqueeze(0), persistent=False)
-        self.t_embed = TimestepEmbedder(hidden)
+        # MeanFlow (loss.py) also conditions on the time r the output jumps to. Like the paper's
+        # default (its "(t, t - r)"), a second embedder takes the jump's length r - t and adds it
+        # to c; r = t (length 0) asks for the instantaneous velocity. MeanFlow's target holds
+        # du/dt, which passes through these embeddings, and t * 1000 multiplies it by up to 1000
+        # (on Fashion-MNIST the d_t u part of the target grew to 10x the velocity in 250 steps):
+        # its time embeddings take t in [0, 1] as it is, as SiT's do.
+        self.mean_flow = mean_flow
+        t_scale = 1.0 if mean_flow else 1000.0
+        self.t_embed = TimestepEmbedder(hidden, t_scale=t_scale)
+        self.r_embed = TimestepEmbedder(hidden, t_scale=t_scale) if mean_flow else None
         # num_classes = 0 trains an unconditional model: the table then holds only "null".
         self.y_embed = LabelEmbedder(num_classes, hidden)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
@@ -160,6 +170,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embed.table.weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        if self.r_embed is not None:
+            nn.init.normal_(self.r_embed.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.r_embed.mlp[2].weight, std=0.02)
         # ... and the zeros of adaLN-Zero: every modulation regressor and the output layer.
         # A fresh model is therefore an identity map per block and outputs exactly 0.
         for block in self.blocks:
@@ -177,12 +190,17 @@ class DiT(nn.Module):
         x = torch.einsum("bhwpqc->bchpwq", x)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x, t, y, return_blocks=()):
+    def forward(self, x, t, y, return_blocks=(), r=None):
         """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) long in [0, num_classes] (num_classes
         is the null label). return_blocks: block numbers counted from 1; when given, also
-        return the list of those blocks' outputs, each (B, T, hidden)."""
+        return the list of those blocks' outputs, each (B, T, hidden). r: (B,) the end time
+        of a MeanFlow model's average velocity (None: r = t)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed   # (B, T, hidden)
         c = self.t_embed(t) + self.y_embed(y)                                 # (B, hidden)
+        if self.mean_flow:
+            c = c + self.r_embed(torch.zeros_like(t) if r is None else r - t)
+        elif r is not None:
+            raise ValueError("r is only for MeanFlow models (build_model(..., mean_flow=True))")
         feats = []
         for i, block in enumerate(self.blocks, start=1):
             h = block(h, c)
@@ -210,9 +228,9 @@ MODELS = {f"DiT-{name}/{patch}": (depth, hidden, heads, patch)
           for name, (depth, hidden, heads) in SIZES.items() for patch in (2, 4, 8)}
 
 
-def build_model(name, image_size=32, in_channels=3, num_classes=10):
+def build_model(name, image_size=32, in_channels=3, num_classes=10, mean_flow=False):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     depth, hidden, heads, patch = MODELS[name]
     return DiT(image_size=image_size, in_channels=in_channels, patch=patch, hidden=hidden,
-               depth=depth, heads=heads, num_classes=num_classes)
+               depth=depth, heads=heads, num_classes=num_classes, mean_flow=mean_flow)

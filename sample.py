@@ -2,6 +2,11 @@
 
     python sample.py --ckpt runs/cifar/checkpoints/step_0400000.pt              # PNG grid
     python sample.py --ckpt ... --num-samples 50000 --out samples.npz           # for FID
+    python sample.py --ckpt runs/<a MeanFlow run>/checkpoints/... --steps 1     # one evaluation
+
+A MeanFlow checkpoint (train.py --objective meanflow) predicts the average velocity u over a
+jump from t to r, so x_r = x_t + (r - t) u(x_t, t, r) is exact, not an approximation: one
+step (the default for such checkpoints) goes from noise to an image.
 
 The .npz holds arr_0 (N, H, W, C) uint8 and arr_1 (N,) labels, the ADM / DiT convention
 that FID tools read. EMA weights are used unless --raw-weights is given.
@@ -10,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -40,30 +46,55 @@ def heun(fn, x, steps):
     return x
 
 
-SOLVERS = {"euler": euler, "heun": heun}
+def meanflow_jumps(fn, x, steps):
+    """MeanFlow models: jump along the grid with the average velocity, fn(x, t, r) = u(x, t, r).
+    Each jump is exact for a perfect model, so 1 step suffices; more steps may correct errors."""
+    ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        x = x + (t1 - t0) * fn(x, t0, t1)
+    return x
+
+
+SOLVERS = {"euler": euler, "heun": heun, "meanflow": meanflow_jumps}
+
+
+def default_sampler(model):
+    """(solver, steps) when none are given: one MeanFlow jump, or 50 Euler steps."""
+    return ("meanflow", 1) if getattr(model, "mean_flow", False) else ("euler", 50)
 
 
 def velocity_fn(model, y, cfg_scale=1.0):
-    """The velocity field to integrate. With guidance (cfg_scale != 1 and a class-conditional
+    """The velocity field to integrate, fn(x, t) or, for MeanFlow models, fn(x, t, r) (the
+    average velocity from t to r). With guidance (cfg_scale != 1 and a class-conditional
     model) it is v_null + w * (v_cond - v_null) on every channel, the conditional and null
-    halves run as one batch."""
+    halves run as one batch. (MeanFlow models are usually guided in training instead:
+    train.py --mf-cfg-omega.)"""
     null = model.num_classes
     guided = cfg_scale != 1.0 and model.num_classes > 0
 
-    def fn(x, t):
+    def fn(x, t, r=None):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        # r only goes to MeanFlow models: any model(x, t, y) can be sampled with Euler / Heun
+        jump = {} if r is None else {"r": torch.full_like(tt, r)}
         if not guided:
-            return model(x, tt, y).float()
-        v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null)])).float()
+            return model(x, tt, y, **jump).float()
+        jump = {k: torch.cat([a, a]) for k, a in jump.items()}
+        v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null)]), **jump).float()
         v_cond, v_null = v.chunk(2)
         return v_null + cfg_scale * (v_cond - v_null)
     return fn
 
 
 @torch.no_grad()
-def generate(model, labels, *, steps=50, solver="euler", cfg_scale=1.0, generator=None, decode=None):
+def generate(model, labels, *, steps=None, solver=None, cfg_scale=1.0, generator=None, decode=None):
     """Images for the given labels (B,), as uint8 (B, C, H, W). Noise comes from generator.
-    A latent model's outputs are turned into images in [-1, 1] by decode (its VAE's decoder)."""
+    A latent model's outputs are turned into images in [-1, 1] by decode (its VAE's decoder).
+    solver and steps default to default_sampler(model)."""
+    solver = default_sampler(model)[0] if solver is None else solver
+    steps = default_sampler(model)[1] if steps is None else steps
+    if solver == "meanflow" and not getattr(model, "mean_flow", False):
+        raise UserError("the meanflow solver needs a MeanFlow model (train.py --objective meanflow); "
+                        "use euler or heun")
     device = labels.device
     shape = (labels.shape[0], model.in_channels, model.image_size, model.image_size)
     x = torch.randn(shape, device=device, generator=generator)
@@ -133,8 +164,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver")
-    p.add_argument("--steps", type=int, default=50, help="solver steps (Heun costs two evaluations per step)")
+    p.add_argument("--solver", default=None, choices=list(SOLVERS),
+                   help="ODE solver (default: euler; meanflow for MeanFlow checkpoints, whose instantaneous "
+                   "velocity euler and heun can integrate too)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="solver steps (default: 50; 1 for MeanFlow checkpoints). Heun costs two evaluations per step")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale w (1 = none)")
     p.add_argument("--seed", type=int, default=0, help="seed for the initial noise")
     p.add_argument("--class-labels", default=None, help="comma-separated labels for the grid, e.g. 0,1,2 (default: all classes in turn)")
@@ -155,6 +189,11 @@ def main():
 
     device = pick_device(args.device)
     ckpt, model, decode = load_for_sampling(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)
+    args.solver = args.solver or default_sampler(model)[0]
+    args.steps = args.steps or default_sampler(model)[1]
+    if args.cfg_scale != 1 and ckpt.get("args", {}).get("mf_cfg_omega", 1.0) != 1.0:
+        print(f"warning: this MeanFlow model learnt guidance in training (omega {ckpt['args']['mf_cfg_omega']}); "
+              f"--cfg-scale {args.cfg_scale} guides it a second time", file=sys.stderr)
     K = model.num_classes
     nrow = args.nrow or (min(K, 16) if K else 8)
 

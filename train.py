@@ -2,6 +2,7 @@
 
     python train.py --disp-weight 0.5                  # CIFAR-10, DiT-S/2, dispersive
     python train.py --disp-weight 0                    # the baseline
+    python train.py --objective meanflow               # one-step generation (MeanFlow)
     torchrun --nproc_per_node 8 train.py ...           # several GPUs (DDP)
 
 Everything a run writes goes to --out: metrics.jsonl (the configuration, versions and
@@ -10,14 +11,11 @@ checkpoints/ (plain-dict checkpoints, written atomically). Re-run the same comma
 --resume to continue a run exactly where it stopped.
 """
 import argparse
-import contextlib
 import copy
 import glob
-import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 
@@ -27,11 +25,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import DATASETS, BatchStream, load_dataset
-from loss import VARIANTS, representation_diagnostics, training_losses
+from loss import VARIANTS, meanflow_losses, meanflow_target, meanflow_times, representation_diagnostics, training_losses
 from model import MODELS, build_model
 from sample import generate, grid_labels, save_grid
-from utils import (UserError, autocast, find_resume_checkpoint, list_checkpoints, pick_device, run_main,
-                   save_atomic)
+from utils import (Logger, UserError, autocast, find_resume_checkpoint, list_checkpoints, pick_device, run_main,
+                   save_atomic, stop_on_signals)
 
 
 def get_args(argv=None):
@@ -43,6 +41,23 @@ def get_args(argv=None):
     a("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or 'all' "
       "(default: depth // 4, the paper's choice; the released PyTorch code used 'last')")
     a("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the dispersive loss")
+    # the generative objective
+    a("--objective", default="flow", choices=("flow", "meanflow"),
+      help="flow matching (sampled in ~50 steps) or MeanFlow (average velocities, sampled in 1 step; loss.py)")
+    a("--mf-ratio", type=float, default=0.25, help="MeanFlow: share of samples with r != t (the others train plain "
+      "flow matching); the paper's 25%%")
+    a("--mf-logit-mean", type=float, default=0.4, help="MeanFlow: mean of the logit-normal time draws, in this "
+      "project's convention; the paper's lognorm(-0.4, 1.0) uses t = 1 for noise, hence +0.4 here")
+    a("--mf-logit-std", type=float, default=1.0, help="MeanFlow: std of the logit-normal time draws")
+    a("--mf-adaptive-p", type=float, default=1.0, help="MeanFlow: power p of the adaptive loss weight "
+      "1 / (||u - u_tgt||^2 + c)^p; 0 is the plain squared error")
+    a("--mf-adaptive-c", type=float, default=0.01, help="MeanFlow: c of the adaptive loss weight")
+    a("--mf-cfg-omega", type=float, default=1.0, help="MeanFlow: guidance scale omega learnt in training (1: none; "
+      "the paper's ablation liked 3 with kappa 0); 1-step samples then come guided at no extra cost")
+    a("--mf-cfg-kappa", type=float, default=0.0, help="MeanFlow: kappa, the share of the conditional prediction "
+      "mixed into the guided velocity (the effective scale is omega / (1 - kappa))")
+    a("--mf-jvp-precision", default="fp32", choices=("fp32", "autocast"), help="MeanFlow: run the target's "
+      "Jacobian-vector product in float32 (as the released code does) or in the bf16 autocast of the step")
     # model and data
     a("--model", default="DiT-S/2", choices=list(MODELS), metavar="MODEL", help=f"model size: {', '.join(MODELS)}")
     a("--data", default="cifar10", choices=DATASETS, help="data set; 'folder' reads any ImageFolder-layout directory")
@@ -67,7 +82,7 @@ def get_args(argv=None):
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--log-every", type=int, default=50, help="steps between log lines (the only host-device syncs)")
     a("--sample-every", type=int, default=5000, help="steps between grids of EMA samples (0: never)")
-    a("--sample-steps", type=int, default=50, help="Euler steps for those grids")
+    a("--sample-steps", type=int, default=None, help="sampling steps for those grids (default: 50 Euler steps; MeanFlow: 1 jump)")
     a("--sample-cfg", type=float, default=1.0, help="guidance scale for those grids")
     a("--ckpt-every", type=int, default=10_000, help="steps between checkpoints (one is always written at the end)")
     a("--keep-ckpts", type=int, default=3, help="how many recent checkpoints to keep (0: all)")
@@ -95,13 +110,24 @@ def check_args(args):
     if args.fid_every < 0 or (args.fid_every and args.fid_samples < 2):
         raise UserError("--fid-every must be >= 0 and --fid-samples at least 2")
     for name in ("batch_size", "steps", "log_every", "sample_steps", "ckpt_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "sample_every", "keep_ckpts"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.p_uncond > 1 or not math.isfinite(args.sample_cfg):
         raise UserError("--p-uncond must lie in [0, 1] and --sample-cfg must be finite")
+    if not 0 <= args.mf_ratio <= 1 or not args.mf_logit_std > 0 or not math.isfinite(args.mf_logit_mean):
+        raise UserError("--mf-ratio must lie in [0, 1], --mf-logit-std must be > 0 and --mf-logit-mean finite")
+    if not (math.isfinite(args.mf_adaptive_p) and args.mf_adaptive_p >= 0 and args.mf_adaptive_c > 0):
+        raise UserError("--mf-adaptive-p must be a finite number >= 0 and --mf-adaptive-c a number > 0")
+    if not (math.isfinite(args.mf_cfg_omega) and math.isfinite(args.mf_cfg_kappa) and 0 <= args.mf_cfg_kappa < 1):
+        raise UserError("--mf-cfg-omega must be finite and --mf-cfg-kappa lie in [0, 1)")
+    if (args.mf_cfg_omega != 1 or args.mf_cfg_kappa != 0) and (args.objective != "meanflow" or args.unconditional
+                                                               or args.p_uncond == 0):
+        raise UserError("--mf-cfg-omega / --mf-cfg-kappa need --objective meanflow, class labels and --p-uncond > 0 "
+                        "(the null class must be trained; flow matching takes its guidance at sampling time: "
+                        "--sample-cfg)")
     if args.image_size is not None and (args.image_size < 1 or args.data not in ("folder", "latents")):
         raise UserError(f"--image-size {args.image_size}: only --data folder (and latents) take it, and it must be >= 1")
     if args.out is None and args.resume:      # --resume RUN_DIR (or RUN_DIR/checkpoints/x.pt) continues that run
@@ -172,53 +198,6 @@ def check_finite(first_bad):
                         f"(the checkpoints on disk are from before)")
 
 
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler pre-empting the job) only raise a flag; the
-    loop finishes its step, saves a checkpoint and exits cleanly. Handlers are restored after."""
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:      # a second Ctrl-C: give up at once, without saving
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        print(f"\n{stop['signal']}: finishing this step and saving a checkpoint (again to quit without saving)",
-              file=sys.stderr)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-class Logger:
-    """metrics.jsonl in the run directory; rank 0 only."""
-
-    def __init__(self, path, enabled, keep_until_step=None):
-        self.enabled, self.path = enabled, path
-        if enabled and keep_until_step is not None and os.path.exists(path):
-            # Resuming: drop what the interrupted run logged after its last checkpoint, so
-            # the log reads as one uninterrupted run.
-            with open(path) as f:
-                lines = [l for l in f if self._keep(l, keep_until_step)]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(path + ".tmp", path)
-
-    @staticmethod
-    def _keep(line, until):
-        try:
-            return json.loads(line).get("step", 0) <= until
-        except ValueError:        # a line torn by a kill in mid-write
-            return False
-
-    def __call__(self, **record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def main(argv=None):
     args = get_args(argv)
 
@@ -272,6 +251,9 @@ def main(argv=None):
     if H != W:
         raise UserError(f"images are {H}x{W}; the model needs square images (use --image-size)")
     num_classes = 0 if args.unconditional else data.num_classes
+    mf = args.objective == "meanflow"
+    if num_classes == 0 and (args.mf_cfg_omega != 1 or args.mf_cfg_kappa != 0):
+        raise UserError("--mf-cfg-omega / --mf-cfg-kappa need class labels; this data set has none")
     # Grids of a latent model are decoded by the set's VAE, loaded now: a VAE that cannot be
     # loaded stops the run here, not at the first grid hours later.
     decode = data.decoder(device) if main_proc and args.sample_every and hasattr(data, "decoder") else None
@@ -287,7 +269,7 @@ def main(argv=None):
     # --- model, EMA, optimiser -----------------------------------------------------------
     torch.manual_seed(args.seed)
     try:
-        model = build_model(args.model, H, C, num_classes).to(device)
+        model = build_model(args.model, H, C, num_classes, mean_flow=mf).to(device)
     except ValueError as e:
         fix = "encode the latents at another size" if args.data == "latents" else "use --image-size"
         raise UserError(f"{e} (model {args.model}, data {C}x{H}x{W}); {fix} or choose another --model") from None
@@ -295,13 +277,15 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    model_config = {"name": args.model, "image_size": H, "in_channels": C, "num_classes": num_classes}
+    model_config = {"name": args.model, "image_size": H, "in_channels": C, "num_classes": num_classes,
+                    "objective": args.objective}
     start_step = 0
     if ckpt is not None:
+        ckpt_config = {"objective": "flow", **ckpt["model_config"]}   # checkpoints from before MeanFlow
         for k, v in model_config.items():
-            if ckpt["model_config"].get(k) != v:
+            if ckpt_config.get(k) != v:
                 raise UserError(f"checkpoint {resume_path!r} does not match this run: its {k} is "
-                                f"{ckpt['model_config'].get(k)!r}, this run's is {v!r}")
+                                f"{ckpt_config.get(k)!r}, this run's is {v!r}")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])       # after the optimiser exists (the released code did it before)
@@ -316,7 +300,9 @@ def main(argv=None):
         if main_proc:
             print(f"resumed from {resume_path} at step {start_step}")
             changed = [k for k in ("seed", "batch_size", "lr", "disp_weight", "disp_tau", "disp_block", "disp_variant",
-                                   "p_uncond", "ema_decay", "data") if ckpt["args"].get(k) != getattr(args, k)]
+                                   "p_uncond", "ema_decay", "data", "mf_ratio", "mf_logit_mean", "mf_logit_std",
+                                   "mf_adaptive_p", "mf_adaptive_c", "mf_cfg_omega", "mf_cfg_kappa", "mf_jvp_precision")
+                       if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]   # older checkpoints lack mf_*
             if changed:
                 print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
                       f"the run will not match an uninterrupted one", file=sys.stderr)
@@ -326,6 +312,9 @@ def main(argv=None):
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     if args.compile:
         net = torch.compile(net)
+    # MeanFlow's target (a JVP, no gradient) goes through the bare model: torch.func.jvp cannot
+    # go through DDP, and the target needs no gradient sync. Compiled as a whole function.
+    target_fn = torch.compile(meanflow_target) if args.compile and mf else meanflow_target
 
     log = Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start_step if ckpt else None)
     log(type="config", step=start_step, args=vars(args), model_config=model_config, params=n_params,
@@ -363,6 +352,9 @@ def main(argv=None):
                 group["lr"] = lr
             idx = stream.indices(step)               # already where the data set is: no copy, no sync
             flip, eps, t, drop = step_randomness(gen, args.seed, step, (args.batch_size, C, H, W), args.p_uncond, mine)
+            if mf:   # MeanFlow draws its own (t, r), also for the whole global batch
+                t, r = (z[mine] for z in meanflow_times(args.batch_size, gen, device, args.mf_logit_mean,
+                                                        args.mf_logit_std, args.mf_ratio))
             # Latent sets draw their posterior noise from gen too, after the draws above (image
             # sets draw nothing, so their numbers do not depend on this order).
             x, y = data.batch(idx, generator=gen)
@@ -372,11 +364,17 @@ def main(argv=None):
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
 
             log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+            common = dict(disp_weight=args.disp_weight, disp_tau=args.disp_tau, disp_blocks=disp_blocks,
+                          disp_variant=args.disp_variant, null_label=num_classes if num_classes else None,
+                          p_uncond=args.p_uncond, eps=eps, t=t, drop=drop, return_feats=log_now)
             with autocast(device):
-                losses = training_losses(net, x, y, disp_weight=args.disp_weight, disp_tau=args.disp_tau,
-                                         disp_blocks=disp_blocks, disp_variant=args.disp_variant,
-                                         null_label=num_classes if num_classes else None, p_uncond=args.p_uncond,
-                                         eps=eps, t=t, drop=drop, return_feats=log_now)
+                if mf:
+                    losses = meanflow_losses(net, x, y, r=r, adaptive_p=args.mf_adaptive_p,
+                                             adaptive_c=args.mf_adaptive_c, cfg_omega=args.mf_cfg_omega,
+                                             cfg_kappa=args.mf_cfg_kappa, target_model=model, target_fn=target_fn,
+                                             jvp_fp32=args.mf_jvp_precision == "fp32", **common)
+                else:
+                    losses = training_losses(net, x, y, **common)
             update(model, ema, opt, losses["total"], args.grad_clip, min(args.ema_decay, (1 + step) / (10 + step)))
             bad = ~torch.isfinite(torch.stack([losses["flow"].detach(), losses["disp"].detach()]))
             first_bad = torch.where(bad, torch.clamp(first_bad, max=step + 1), first_bad)   # no sync

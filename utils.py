@@ -1,4 +1,4 @@
-"""Small shared pieces: user-facing errors, devices, and checkpoint files.
+"""Small shared pieces: user-facing errors, devices, checkpoint files, signals and the metrics log.
 
 Checkpoints are plain dicts of tensors, numbers and strings, so they load with
 torch.load(weights_only=True) (the default since PyTorch 2.6), which runs no code from the
@@ -8,9 +8,11 @@ one, never half of one.
 """
 import contextlib
 import glob
+import json
 import os
 import pickle
 import re
+import signal
 import sys
 
 import torch
@@ -132,7 +134,8 @@ def build_from_checkpoint(ckpt, weights="ema"):
     """Rebuild the model a checkpoint describes and load its EMA (default) or raw weights."""
     from model import build_model
     cfg = ckpt["model_config"]
-    model = build_model(cfg["name"], cfg["image_size"], cfg["in_channels"], cfg["num_classes"])
+    model = build_model(cfg["name"], cfg["image_size"], cfg["in_channels"], cfg["num_classes"],
+                        mean_flow=cfg.get("objective", "flow") == "meanflow")
     if weights not in ckpt:
         raise UserError(f"the checkpoint has no {weights!r} weights")
     state = ckpt[weights]
@@ -141,3 +144,50 @@ def build_from_checkpoint(ckpt, weights="ema"):
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit {cfg['name']}: {str(e).splitlines()[0]}") from None
     return model
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler pre-empting the job) only raise a flag; the
+    loop finishes its step, saves a checkpoint and exits cleanly. Handlers are restored after."""
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:      # a second Ctrl-C: give up at once, without saving
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        print(f"\n{stop['signal']}: finishing this step and saving a checkpoint (again to quit without saving)",
+              file=sys.stderr)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Logger:
+    """metrics.jsonl in the run directory; rank 0 only."""
+
+    def __init__(self, path, enabled, keep_until_step=None):
+        self.enabled, self.path = enabled, path
+        if enabled and keep_until_step is not None and os.path.exists(path):
+            # Resuming: drop what the interrupted run logged after its last checkpoint, so
+            # the log reads as one uninterrupted run.
+            with open(path) as f:
+                lines = [l for l in f if self._keep(l, keep_until_step)]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(path + ".tmp", path)
+
+    @staticmethod
+    def _keep(line, until):
+        try:
+            return json.loads(line).get("step", 0) <= until
+        except ValueError:        # a line torn by a kill in mid-write
+            return False
+
+    def __call__(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

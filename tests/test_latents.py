@@ -132,7 +132,8 @@ def test_train_checkpoint_sample_and_decode(latents, vae_dir, tmp_path, monkeypa
     assert grid.mode == "RGB" and grid.size == (3 * (SIZE + 2) + 2, 8 * (SIZE + 2) + 2)   # 16 px RGB images
     ckpt_path = str(tmp_path / "run" / "checkpoints" / "step_0000002.pt")
     ck = torch.load(ckpt_path, weights_only=True)
-    assert ck["model_config"] == {"name": "DiT-Mi/2", "image_size": 4, "in_channels": 4, "num_classes": 3}
+    assert ck["model_config"] == {"name": "DiT-Mi/2", "image_size": 4, "in_channels": 4, "num_classes": 3,
+                                  "objective": "flow"}
     assert ck["vae"] == {"name": vae_dir, "scale_factor": pytest.approx(0.18215), "image_size": SIZE}
 
     # Resume is exact here too: the posterior noise comes from the per-step generator.

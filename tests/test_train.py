@@ -18,7 +18,8 @@ def test_smoke_train_checkpoint_resume_sample(image_folder, tmp_path):
     ck = torch.load(out / "checkpoints" / ckpts[0], weights_only=True)
     assert ck["step"] == 4 and set(ck) >= {"model", "ema", "opt", "args", "rng", "model_config"}
     assert not any("_orig_mod" in k for k in ck["model"])
-    assert ck["model_config"] == {"name": "DiT-Mi/4", "image_size": 16, "in_channels": 3, "num_classes": 3}
+    assert ck["model_config"] == {"name": "DiT-Mi/4", "image_size": 16, "in_channels": 3, "num_classes": 3,
+                                  "objective": "flow"}
 
     train.main(tiny_args(image_folder, out, "--steps", "6", "--resume"))
     assert os.path.exists(out / "checkpoints" / "step_0000006.pt")
@@ -40,11 +41,13 @@ def test_smoke_train_checkpoint_resume_sample(image_folder, tmp_path):
     assert npz["arr_1"].tolist() == [0, 1, 2, 0, 1, 2, 0]
 
 
-def test_resume_is_exact(image_folder, tmp_path):
+@pytest.mark.parametrize("objective", ["flow", "meanflow"])
+def test_resume_is_exact(image_folder, tmp_path, objective):
     full, part = tmp_path / "full", tmp_path / "part"
-    train.main(tiny_args(image_folder, full, "--steps", "8", "--keep-ckpts", "0"))
-    train.main(tiny_args(image_folder, part, "--steps", "3"))
-    train.main(tiny_args(image_folder, part, "--steps", "8", "--resume"))
+    obj = ("--objective", objective, "--mf-ratio", "0.5") if objective == "meanflow" else ()
+    train.main(tiny_args(image_folder, full, "--steps", "8", "--keep-ckpts", "0", *obj))
+    train.main(tiny_args(image_folder, part, "--steps", "3", *obj))
+    train.main(tiny_args(image_folder, part, "--steps", "8", "--resume", *obj))
     a = torch.load(full / "checkpoints" / "step_0000008.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "step_0000008.pt", weights_only=True)
     for key in ("model", "ema"):
