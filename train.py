@@ -75,7 +75,7 @@ def get_args(argv=None):
     a("--ema-decay", type=float, default=0.9999, help="EMA decay (ramped up from 0.1 as (1+s)/(10+s) early on)")
     a("--seed", type=int, default=0, help="seed for the weights, data order and noise")
     # run
-    a("--out", default=None, help="run directory (default: runs/<data>_<model>_w<disp-weight>_s<seed>)")
+    a("--out", default=None, help="run directory (default: runs/<data>_<model>[_meanflow]_w<disp-weight>_s<seed>)")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
       help="continue a run: a checkpoint file, a run directory, or nothing for --out's newest checkpoint")
     a("--compile", action="store_true", help="torch.compile the model (GPU: faster after a minute of compiling)")
@@ -140,7 +140,8 @@ def check_args(args):
             raise UserError(f"--resume {args.resume!r} is a checkpoint outside a run directory; say where the run "
                             f"continues with --out")
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}_w{args.disp_weight:g}_s{args.seed}")
+        kind = "_meanflow" if args.objective == "meanflow" else ""
+        args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}{kind}_w{args.disp_weight:g}_s{args.seed}")
 
 
 def parse_blocks(spec, depth):

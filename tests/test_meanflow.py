@@ -271,3 +271,9 @@ def test_compiled_target_matches_eager():
     compiled = torch.compile(meanflow_target, fullgraph=True)(model, xt, t, y, r, v)
     # float32 rounding, amplified by the time embedding's 1000 t, differs between the kernels
     assert ((compiled - eager).norm() / eager.norm()).item() < 1e-5
+
+
+def test_default_run_directory_names_the_objective():
+    # a MeanFlow run must not land in (and then refuse to resume) a flow run's directory
+    assert train.get_args([]).out == os.path.join("runs", "cifar10_DiT-S-2_w0.5_s0")
+    assert train.get_args(["--objective", "meanflow"]).out == os.path.join("runs", "cifar10_DiT-S-2_meanflow_w0.5_s0")
