@@ -174,10 +174,10 @@ def load_images(path):
 def sample_from_checkpoint(ckpt_path, n, *, steps=None, solver=None, cfg_scale=1.0, ema=True, seed=0,
                            batch_size=256, device="cpu", vae=None):
     """n images from a checkpoint, classes spread evenly; -> (uint8 NCHW, generation protocol).
-    solver and steps default to the checkpoint's (sample.default_sampler)."""
-    from sample import default_sampler, load_for_sampling
+    solver and steps default to the checkpoint's (sample.sampler_for)."""
+    from sample import load_for_sampling, sampler_for
     ckpt, model, decode = load_for_sampling(ckpt_path, "ema" if ema else "model", device, vae)
-    solver, steps = solver or default_sampler(model)[0], steps or default_sampler(model)[1]
+    solver, steps = sampler_for(model, solver, steps)
     images = generate_n(model, n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
                         batch_size=batch_size, device=device, decode=decode)
     return images, {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "solver": solver,
@@ -237,8 +237,8 @@ class TrainingFID:
             self.ref = {"data": "the training set", "num_images": len(train_images)}
 
     def __call__(self, model, n, steps, cfg_scale, seed):
-        from sample import default_sampler
-        solver, steps = default_sampler(model)[0], steps or default_sampler(model)[1]
+        from sample import sampler_for
+        solver, steps = sampler_for(model, None, steps)
         images = generate_n(model, n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, device=self.device)
         mu, sigma = statistics(features(self.fn, images, device=self.device))
         return {"metric": fid_name(self.info, n), "value": frechet_distance(mu, sigma, self.mu, self.sigma),

@@ -58,9 +58,10 @@ def meanflow_jumps(fn, x, steps):
 SOLVERS = {"euler": euler, "heun": heun, "meanflow": meanflow_jumps}
 
 
-def default_sampler(model):
-    """(solver, steps) when none are given: one MeanFlow jump, or 50 Euler steps."""
-    return ("meanflow", 1) if getattr(model, "mean_flow", False) else ("euler", 50)
+def sampler_for(model, solver=None, steps=None):
+    """(solver, steps), each defaulting to the model's: one MeanFlow jump, or 50 Euler steps."""
+    default = ("meanflow", 1) if getattr(model, "mean_flow", False) else ("euler", 50)
+    return (default[0] if solver is None else solver), (default[1] if steps is None else steps)
 
 
 def velocity_fn(model, y, cfg_scale=1.0):
@@ -89,9 +90,8 @@ def velocity_fn(model, y, cfg_scale=1.0):
 def generate(model, labels, *, steps=None, solver=None, cfg_scale=1.0, generator=None, decode=None):
     """Images for the given labels (B,), as uint8 (B, C, H, W). Noise comes from generator.
     A latent model's outputs are turned into images in [-1, 1] by decode (its VAE's decoder).
-    solver and steps default to default_sampler(model)."""
-    solver = default_sampler(model)[0] if solver is None else solver
-    steps = default_sampler(model)[1] if steps is None else steps
+    solver and steps default to the model's (sampler_for)."""
+    solver, steps = sampler_for(model, solver, steps)
     if solver == "meanflow" and not getattr(model, "mean_flow", False):
         raise UserError("the meanflow solver needs a MeanFlow model (train.py --objective meanflow); "
                         "use euler or heun")
@@ -189,8 +189,7 @@ def main():
 
     device = pick_device(args.device)
     ckpt, model, decode = load_for_sampling(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)
-    args.solver = args.solver or default_sampler(model)[0]
-    args.steps = args.steps or default_sampler(model)[1]
+    args.solver, args.steps = sampler_for(model, args.solver, args.steps)
     if args.cfg_scale != 1 and ckpt.get("args", {}).get("mf_cfg_omega", 1.0) != 1.0:
         print(f"warning: this MeanFlow model learnt guidance in training (omega {ckpt['args']['mf_cfg_omega']}); "
               f"--cfg-scale {args.cfg_scale} guides it a second time", file=sys.stderr)
