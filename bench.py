@@ -16,14 +16,10 @@ multiply-add is 2 FLOPs; the backward pass costs twice the forward), a sampling 
 2 x forward MACs. Only the network counts, not the dispersive term, the optimiser or the
 noise: time spent there lowers the MFU, as it should.
 
-MeanFlow steps (--objective meanflow) count 10 x forward MACs per image: the forward pass
-(2), the target's Jacobian-vector product (primal and tangent, 2 + 2) and the backward (4).
-That slightly undercounts (the tangent of an attention product takes two products), so the
-MeanFlow MFU errs low.
-Its attention runs on SDPA's math kernel inside the JVP (flash has no forward-mode rule).
+Other objectives state their own count (flops_per_forward_mac): MeanFlow's step is 10 x
+forward MACs (meanflow.py says why), and its JVP runs attention on SDPA's math kernel.
 """
 import argparse
-import copy
 import gc
 import platform
 import statistics
@@ -31,12 +27,12 @@ import time
 
 import torch
 
-from data import BatchStream, ImageSet
-from loss import meanflow_losses, meanflow_target, meanflow_times, training_losses
+import train
+from data import Batches, ImageSet
 from model import MODELS, build_model
-from sample import generate
-from train import step_randomness, update
-from utils import UserError, autocast, pick_device, run_main
+from objectives import OBJECTIVES
+from sample import generate, sampler
+from utils import UserError, number, pick_device, run_main
 
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets (the "with sparsity"
 # figures are twice these). Matched against torch.cuda.get_device_name, first hit wins.
@@ -114,86 +110,69 @@ def timed(fns, warmup, steps, rounds, device):
 
 
 def make_train_step(args, device, disp_weight, compile_model):
-    """A fresh model, EMA and optimiser, and a function that runs training step i as train.py does."""
-    torch.manual_seed(0)
-    C, H, B = args.channels, args.image_size, args.batch_size
-    mf = args.objective == "meanflow"
-    model = build_model(args.model, H, C, args.num_classes, mean_flow=mf).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    """A fresh model, EMA, optimiser and objective, built as train.py builds them, and a function
+    that runs training step i with train.py's own train_step on random uint8 images that live
+    on the device, as a data set does (step i reads batch i % 4 of one epoch)."""
+    n = 4 * args.batch_size
+    data = ImageSet(torch.randint(0, 256, (n, args.channels, args.image_size, args.image_size), dtype=torch.uint8),
+                    torch.randint(0, args.num_classes, (n,)), args.num_classes, [str(k) for k in range(args.num_classes)],
+                    flip=True).to(device)
+    targs = train.get_args(["--model", args.model, "--batch-size", str(args.batch_size), "--objective", args.objective,
+                            "--disp-weight", str(disp_weight), "--disp-tau", str(args.disp_tau),
+                            "--disp-group-size", str(args.disp_group_size), "--data", "folder", "--warmup-steps", "0",
+                            *(["--disp-block", str(args.disp_block)] if args.disp_block else []),
+                            *(["--compile"] if compile_model else [])])
+    model, ema, opt, objective = train.build(targs, data, device)
     net = torch.compile(model) if compile_model else model
-    target_fn = torch.compile(meanflow_target) if compile_model and mf else meanflow_target
-    # Random uint8 images stand in for the data set; they live on the device as in train.py.
-    # Step i reads batch i % 4 of one epoch, so no new permutation is drawn while timing.
-    n = 4 * B
-    data = ImageSet(torch.randint(0, 256, (n, C, H, H), dtype=torch.uint8), torch.randint(0, args.num_classes, (n,)),
-                    args.num_classes, [str(k) for k in range(args.num_classes)], flip=True).to(device)
-    stream = BatchStream(n, B, seed=0, device=device)
-    gen = torch.Generator(device)
-    blocks = (args.disp_block or max(1, model.depth // 4),)
+    batches = Batches(data, args.batch_size // objective.views, 0, objective.draw, device)
 
-    def step(i):   # the body of train.py's loop, with its defaults (p_uncond 0.1, clipping 1.0)
-        x, y = data.batch(stream.indices(i % stream.steps_per_epoch))
-        flip, eps, t, drop = step_randomness(gen, 0, i, (B, C, H, H), 0.1)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        common = dict(disp_weight=disp_weight, disp_tau=args.disp_tau, disp_blocks=blocks,
-                      null_label=args.num_classes, eps=eps, t=t, drop=drop)
-        with autocast(device):
-            if mf:   # train.py's defaults: 25% of r != t, no guidance, the JVP in float32
-                common["t"], r = meanflow_times(B, gen, device)
-                losses = meanflow_losses(net, x, y, r=r, target_model=model, target_fn=target_fn, **common)
-            else:
-                losses = training_losses(net, x, y, **common)
-        update(model, ema, opt, losses["total"], 1.0, min(0.9999, (1 + i) / (10 + i)))
-    return step
+    def step(i):
+        train.train_step(net, model, ema, opt, objective, batches(i % batches.stream.steps_per_epoch), targs.lr,
+                         min(targs.ema_decay, (1 + i) / (10 + i)), targs.grad_clip)
+    return step, objective
 
 
 def make_sample_batch(args, device, compile_model):
     torch.manual_seed(0)
+    Objective = OBJECTIVES[args.objective]
     model = build_model(args.model, args.image_size, args.channels, args.num_classes,
-                        mean_flow=args.objective == "meanflow").to(device).eval()
+                        cls=Objective.model_class).to(device).eval()
     for p in model.parameters():   # a fresh DiT outputs exactly 0; give it weights that do something
         torch.nn.init.normal_(p, std=0.02)
     net = torch.compile(model) if compile_model else model
     labels = torch.arange(args.sample_batch, device=device) % args.num_classes
     gen = torch.Generator(device).manual_seed(0)
-    return lambda i: generate(net, labels, steps=args.sample_steps, generator=gen)
+    solver, _, _ = sampler(args.objective, None, args.sample_steps)
+    return lambda i: generate(net, labels, solver, args.sample_steps, generator=gen)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    pos = number(int, min=1)
     a("--model", default="DiT-S/2", choices=list(MODELS), metavar="MODEL", help=f"model size: {', '.join(MODELS)}")
-    a("--batch-size", type=int, default=256, help="training batch (one device)")
-    a("--image-size", type=int, default=32, help="image side in pixels (CIFAR-10: 32)")
-    a("--channels", type=int, default=3, help="image channels (CIFAR-10: 3)")
-    a("--num-classes", type=int, default=10, help="number of classes (CIFAR-10: 10)")
-    a("--disp-weight", type=float, default=0.5, help="dispersive weight of the second row of each mode (the first is 0)")
-    a("--disp-tau", type=float, default=0.5, help="temperature of the dispersive loss")
-    a("--disp-block", type=int, default=None, help="block whose output is dispersed (default: depth // 4)")
+    a("--batch-size", type=pos, default=256, help="training batch (one device)")
+    a("--image-size", type=pos, default=32, help="image side in pixels (CIFAR-10: 32)")
+    a("--channels", type=pos, default=3, help="image channels (CIFAR-10: 3)")
+    a("--num-classes", type=pos, default=10, help="number of classes (CIFAR-10: 10)")
+    a("--disp-weight", type=number(float, above=0), default=0.5, help="dispersive weight of the second row of each "
+      "mode (the first row, weight 0, is the baseline)")
+    a("--disp-tau", type=number(float, above=0), default=0.5, help="temperature of the dispersive loss")
+    a("--disp-block", type=pos, default=None, help="block whose output is dispersed (default: depth // 4)")
+    a("--disp-group-size", type=number(int, min=0), default=16, help="dispersive group size, as train.py's")
     a("--compile", action="store_true", help="also time torch.compile'd models (the first warmup steps compile)")
-    a("--steps", type=int, default=10, help="timed training steps per round")
-    a("--rounds", type=int, default=3, help="rounds of --steps steps; the median round is reported")
-    a("--warmup", type=int, default=5, help="untimed steps before timing (compilation happens here)")
-    a("--objective", default="flow", choices=("flow", "meanflow"), help="the training objective to time")
-    a("--sample-steps", type=int, default=None, help="sampling steps per batch (default: 50 Euler; MeanFlow: 1 jump)")
-    a("--sample-batch", type=int, default=None, help="images per sampling batch (default: --batch-size)")
-    a("--sample-batches", type=int, default=2, help="timed sampling batches (0: do not time sampling)")
+    a("--steps", type=pos, default=10, help="timed training steps per round")
+    a("--rounds", type=pos, default=3, help="rounds of --steps steps; the median round is reported")
+    a("--warmup", type=number(int, min=0), default=5, help="untimed steps before timing (compilation happens here)")
+    a("--objective", default="flow", choices=list(OBJECTIVES), help="the training objective to time")
+    a("--sample-steps", type=pos, default=None, help="sampling steps per batch (default: the objective's)")
+    a("--sample-batch", type=pos, default=None, help="images per sampling batch (default: --batch-size)")
+    a("--sample-batches", type=number(int, min=0), default=2, help="timed sampling batches (0: do not time sampling)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    a("--peak-tflops", type=float, default=None,
+    a("--peak-tflops", type=number(float, above=0), default=None,
       help="the device's peak dense FLOP/s in TFLOP/s for MFU (default: known GPUs; MFU is n/a otherwise)")
     args = p.parse_args(argv)
-    if args.sample_steps is None:
-        args.sample_steps = 1 if args.objective == "meanflow" else 50
-    for name in ("batch_size", "image_size", "channels", "num_classes", "steps", "rounds", "sample_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.sample_batches < 0:
-        raise UserError("--warmup and --sample-batches must be >= 0")
-    if args.disp_weight <= 0 or args.disp_tau <= 0:
-        raise UserError("--disp-weight and --disp-tau must be > 0 (the baseline row with weight 0 is always run)")
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        raise UserError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    args.sample_steps = args.sample_steps or OBJECTIVES[args.objective].sample_steps
     args.sample_batch = args.sample_batch or args.batch_size
     return args
 
@@ -204,8 +183,6 @@ def main(argv=None):
     depth, hidden, heads, patch = MODELS[args.model]
     if args.image_size % patch:
         raise UserError(f"--image-size {args.image_size} is not divisible by {args.model}'s patch size {patch}")
-    if args.disp_block is not None and not 1 <= args.disp_block <= depth:
-        raise UserError(f"--disp-block {args.disp_block} is out of range: {args.model} has blocks 1..{depth}")
     torch.backends.cuda.matmul.allow_tf32 = True      # as train.py
     torch.backends.cudnn.allow_tf32 = True
     macs = forward_macs(depth, hidden, patch, args.image_size, args.channels)
@@ -230,15 +207,15 @@ def main(argv=None):
     for mode in modes:
         fresh()
         weights = (0.0, args.disp_weight)
-        steps = [make_train_step(args, device, w, mode == "compile") for w in weights]
+        steps, objectives = zip(*[make_train_step(args, device, w, mode == "compile") for w in weights])
         secs, warms = timed(steps, args.warmup, args.steps, args.rounds, device)
         peak_mem = mem()    # of the two models together
         for w, sec, warm in zip(weights, secs, warms):
-            flops = (10 if args.objective == "meanflow" else 6) * macs * args.batch_size / sec
+            flops = objectives[0].flops_per_forward_mac * macs * args.batch_size / sec
             over = f"{100 * (sec - secs[0]) / secs[0]:+.1f}%" if w else "-"
             train_rows.append([mode, f"{w:g}", f"{1000 * sec:.1f}", f"{args.batch_size / sec:.0f}",
                                f"{flops / 1e12:.3g}", fmt_mfu(flops), over, f"{warm:.0f}", peak_mem])
-        del steps
+        del steps, objectives
         if args.sample_batches:
             fresh()
             sample = make_sample_batch(args, device, mode == "compile")
@@ -255,8 +232,8 @@ def main(argv=None):
     print(f"{args.model}, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
           f"{macs / 1e9:.3f} GMACs forward per image; median of {args.rounds} rounds of {args.steps} steps "
           f"after {args.warmup} warmup steps; "
-          f"objective {args.objective}; sampling: {args.sample_steps} "
-          f"{'MeanFlow jumps' if args.objective == 'meanflow' else 'Euler steps'}, batch {args.sample_batch}, no guidance")
+          f"objective {args.objective}; sampling: {args.sample_steps} {sampler(args.objective)[1]} steps, "
+          f"batch {args.sample_batch}, no guidance")
     table(["training", "disp weight", "ms / step", "images/s", "TFLOP/s", "MFU", "dispersive overhead",
            "warmup s", "peak mem GB (both)"], train_rows)
     if sample_rows:

@@ -8,19 +8,17 @@ dispersive run of an A/B the very same batches, and lets a run resume on another
 GPUs (each rank takes its share of the same global batch).
 """
 import gzip
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from latents import LatentSet
+from utils import UserError
+
 DATASETS = ("cifar10", "fashion-mnist", "mnist", "folder", "latents")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-class DataError(Exception):
-    """Bad or missing data: the message says which flag fixes it."""
 
 
 @dataclass
@@ -30,6 +28,7 @@ class ImageSet:
     num_classes: int
     classes: list
     flip: bool                # random horizontal flips suit this data
+    vae = None                # pixels: there is nothing to decode (latents.LatentSet has its VAE here)
 
     def __len__(self):
         return len(self.labels)
@@ -52,73 +51,8 @@ class ImageSet:
         return to_model_range(self.images[idx]), self.labels[idx]
 
 
-class LatentSet:
-    """VAE latents written by encode_latents.py: the posterior mean and std of every image,
-    memory-mapped. ImageNet's are 21 GB (42 GB with mirror images), too much for GPU memory,
-    so each batch reads only its rows, on the CPU, and moves them to the training device."""
-
-    flip = False    # mirror images are rows of their own: flipping a latent is not encoding a flipped image
-
-    def __init__(self, path, image_size=None):
-        meta_path = os.path.join(path or "", "meta.json")
-        if not os.path.isfile(meta_path):
-            raise DataError(f"--data-path {path!r} has no meta.json: --data latents needs a directory written by "
-                            f"encode_latents.py")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            self.moments = np.load(os.path.join(path, "moments.npy"), mmap_mode="r")   # (N, 2, C, h, w) float16
-            labels = np.load(os.path.join(path, "labels.npy"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read the latents in --data-path {path!r} ({e}); re-run encode_latents.py") from None
-        if meta.get("done") != meta.get("num_images"):
-            raise DataError(f"the latents in {path!r} are incomplete ({meta.get('done')} of {meta.get('num_images')} "
-                            f"images encoded); re-run the same encode_latents.py command to finish them")
-        if image_size and image_size != meta["image_size"]:
-            raise DataError(f"the latents in {path!r} were encoded from {meta['image_size']} px images; --image-size "
-                            f"{image_size} cannot change that (encode again with encode_latents.py --image-size {image_size})")
-        if self.moments.ndim != 5 or self.moments.shape[1] != 2 or len(labels) != len(self.moments):
-            raise DataError(f"{path!r}: moments.npy {self.moments.shape} and labels.npy {labels.shape} do not match")
-        self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.classes = list(meta["classes"])
-        self.num_classes = len(self.classes)
-        self.scale_factor = float(meta["scale_factor"])
-        # What sample.py needs to turn this model's outputs into images; saved in checkpoints.
-        self.vae = {"name": meta["vae"], "scale_factor": self.scale_factor, "image_size": int(meta["image_size"])}
-        self.device = torch.device("cpu")
-
-    def __len__(self):
-        return len(self.labels)
-
-    @property
-    def shape(self):          # (C, h, w) of one latent
-        return tuple(self.moments.shape[2:])
-
-    def to(self, device):
-        self.device = torch.device(device)    # where batches go; the set itself stays on the CPU
-        return self
-
-    index_device = torch.device("cpu")        # rows are read from the memory map on the CPU
-
-    def batch(self, idx, generator=None):
-        """A fresh posterior sample (mean + std * noise) * scale_factor for samples idx, as DiT and
-        SiT draw one from an image encoded at every step. train.py passes its per-step generator
-        (after its own draws), so the noise too is a function of (seed, step) and resume is exact.
-        It is drawn for the local batch: with several GPUs the ranks apply the same noise to
-        different latents, so a latent run is not bit-identical across GPU counts."""
-        m = torch.from_numpy(self.moments[idx.numpy()]).to(self.device).float()     # (B, 2, C, h, w)
-        mean, std = m.unbind(1)
-        noise = torch.randn(mean.shape, device=self.device, generator=generator)
-        return (mean + std * noise) * self.scale_factor, self.labels[idx].to(self.device)
-
-    def decoder(self, device):
-        """latents -> images in [-1, 1] with this set's VAE, for sample grids during training."""
-        from encode_latents import decode, load_vae
-        vae = load_vae(self.vae["name"], device)
-        return lambda z: decode(vae, z, self.scale_factor)
-
-
 def load_dataset(name, path, image_size=None):
+    """The whole set: an ImageSet, or for --data latents a LatentSet (latents.py)."""
     if name == "cifar10":
         return _torchvision_set("CIFAR10", path, flip=True)
     if name in ("fashion-mnist", "mnist"):
@@ -127,7 +61,7 @@ def load_dataset(name, path, image_size=None):
         return _image_folder(path, image_size)
     if name == "latents":
         return LatentSet(path, image_size)
-    raise DataError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
+    raise UserError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
 def _torchvision_set(cls_name, path, flip):
@@ -135,7 +69,7 @@ def _torchvision_set(cls_name, path, flip):
     try:
         ds = getattr(torchvision.datasets, cls_name)(path, train=True, download=True)
     except Exception as e:  # no internet, a corrupt archive, a read-only directory ...
-        raise DataError(f"could not find or download {cls_name} under --data-path {path!r} ({type(e).__name__}: {e}). "
+        raise UserError(f"could not find or download {cls_name} under --data-path {path!r} ({type(e).__name__}: {e}). "
                         f"Point --data-path at a directory that holds it, or use --data folder for an image folder.") from None
     images = torch.as_tensor(np.asarray(ds.data))
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)   # (N, C, H, W)
@@ -179,7 +113,7 @@ def _image_folder(path, image_size):
             with Image.open(f) as im:
                 im.load()
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"cannot read image {f!r} ({e}); remove it from --data-path") from None
+            raise UserError(f"cannot read image {f!r} ({e}); remove it from --data-path") from None
         pics.append(im)
         modes.add("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
     mode = "L" if modes == {"L"} else "RGB"
@@ -187,9 +121,9 @@ def _image_folder(path, image_size):
     for (f, _), im in zip(files, pics):
         im = im.convert(mode)
         if image_size:
-            im = _center_crop(im, image_size)
+            im = center_crop(im, image_size)
         elif im.size != pics[0].size:
-            raise DataError(f"images differ in size ({files[0][0]!r} is {pics[0].size}, {f!r} is {im.size}); "
+            raise UserError(f"images differ in size ({files[0][0]!r} is {pics[0].size}, {f!r} is {im.size}); "
                             f"pass --image-size to resize and centre-crop them all")
         arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], -1))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -200,19 +134,19 @@ def _image_folder(path, image_size):
 def list_image_folder(path):
     """[(file, class index)] in a fixed (sorted) order, and the class names."""
     if not path or not os.path.isdir(path):
-        raise DataError(f"--data-path {path!r} is not a directory; it needs one sub-directory of images per class")
+        raise UserError(f"--data-path {path!r} is not a directory; it needs one sub-directory of images per class")
     classes = sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
     files = []
     for ci, c in enumerate(classes):
         for root, _, names in sorted(os.walk(os.path.join(path, c))):
             files += [(os.path.join(root, n), ci) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
     if not files:
-        raise DataError(f"no images found in --data-path {path!r}: expected one sub-directory per class with image files "
+        raise UserError(f"no images found in --data-path {path!r}: expected one sub-directory per class with image files "
                         f"({', '.join(IMAGE_EXTS)})")
     return files, classes
 
 
-def _center_crop(im, size):
+def center_crop(im, size):
     """ADM's centre crop: resize the short side to `size` (box filter while far too large,
     then bicubic), then cut the centre square."""
     from PIL import Image
@@ -229,9 +163,9 @@ class BatchStream:
 
     def __init__(self, n, global_batch, seed, rank=0, world=1, device="cpu"):
         if global_batch > n:
-            raise DataError(f"--batch-size {global_batch} is larger than the data set ({n} samples)")
+            raise UserError(f"--batch-size {global_batch} is larger than the data set ({n} samples)")
         if global_batch % world:
-            raise DataError(f"--batch-size {global_batch} is not divisible by the number of processes ({world})")
+            raise UserError(f"--batch-size {global_batch} is not divisible by the number of processes ({world})")
         self.n, self.global_batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
         self.device = device      # where the indices are needed (the data set's device)
         self.steps_per_epoch = n // global_batch      # the last partial batch of an epoch is dropped
@@ -247,6 +181,33 @@ class BatchStream:
         local = self.global_batch // self.world
         start = i * self.global_batch + self.rank * local
         return self._perm[start:start + local]
+
+
+class Batches:
+    """Step s's batch for this process: its images, labels and the objective's noise.
+
+    All randomness of a step (samples, flips, noise, times, label drops) comes from (seed, s)
+    and is drawn for the whole global batch, each rank taking its slice: 1 or 8 GPUs train on
+    the same numbers, and resume is exact. The odd multiplier keeps the seeds of (seed, s) and
+    (seed + 1, s') apart."""
+
+    def __init__(self, data, global_batch, seed, draw_noise, device, rank=0, world=1, labels=True):
+        self.data, self.seed, self.draw_noise, self.labels = data, seed, draw_noise, labels
+        self.stream = BatchStream(len(data), global_batch, seed, rank, world, data.index_device)
+        self.shape = (global_batch, *data.shape)
+        local = global_batch // world
+        self.mine = slice(rank * local, (rank + 1) * local)
+        self.gen = torch.Generator(device)
+
+    def __call__(self, step):
+        gen = self.gen.manual_seed(self.seed * 1_000_003 + step)
+        flip = (torch.rand(self.shape[0], device=gen.device, generator=gen) < 0.5)[self.mine]
+        noise = {k: v[self.mine] for k, v in self.draw_noise(gen, self.shape).items()}
+        # Latent sets draw their posterior noise from gen too, after the draws above.
+        x, y = self.data.batch(self.stream.indices(step), generator=gen)
+        if self.data.flip:
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x, (y if self.labels else torch.zeros_like(y)), noise
 
 
 def to_model_range(x_uint8):

@@ -31,47 +31,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DataError, _center_crop, list_image_folder
+from data import center_crop, list_image_folder
+from latents import DEFAULT_VAE, encode, load_vae
 from utils import UserError, pick_device, run_main
-
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-
-
-# ----------------------------------------------------------------------------------------
-# The VAE (diffusers is needed for the latent path only, so it is imported here, lazily)
-# ----------------------------------------------------------------------------------------
-
-def load_vae(name, device="cpu"):
-    """diffusers' AutoencoderKL from a Hugging Face repo id or a local save_pretrained directory."""
-    if (os.path.isabs(name) or name.startswith(".") or os.path.exists(name)) and not os.path.isdir(name):
-        raise UserError(f"--vae {name!r} is not a directory; a local VAE is a directory with config.json and weights")
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise UserError("the latent path needs diffusers: pip install diffusers") from None
-    try:
-        vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
-    except Exception as e:   # no internet, no such repo, a directory without config.json, corrupt weights ...
-        raise UserError(f"cannot load the VAE {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                        f"Without internet, download it where you can ('hf download {DEFAULT_VAE} --local-dir DIR'), "
-                        f"copy DIR here and pass --vae DIR") from None
-    return vae.to(device).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode(vae, x):
-    """Images in [-1, 1] (B, 3, H, W) -> the posterior's mean and std, each (B, C, H/f, W/f), unscaled."""
-    posterior = vae.encode(x).latent_dist
-    return posterior.mean, posterior.std
-
-
-@torch.no_grad()
-def decode(vae, z, scale_factor, chunk=32):
-    """Scaled latents -> images in [-1, 1]. In chunks: at 256 px the decoder's activations take
-    a few hundred MB per image."""
-    dtype = next(vae.parameters()).dtype
-    out = [vae.decode((c / scale_factor).to(dtype)).sample.float() for c in z.split(chunk)]
-    return torch.cat(out).clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,7 +54,7 @@ class CenterCrops(torch.utils.data.Dataset):
         from PIL import Image
         try:
             with Image.open(self.files[self.start + i]) as im:
-                im = _center_crop(im.convert("RGB"), self.size)
+                im = center_crop(im.convert("RGB"), self.size)
         except (OSError, ValueError):     # PIL's UnidentifiedImageError is an OSError
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
         return torch.from_numpy(np.array(im)).permute(2, 0, 1), True
@@ -181,7 +143,7 @@ def main(argv=None):
     for x, ok in loader:
         if not ok.all():
             bad = files[done + int((~ok).nonzero()[0])][0]
-            raise DataError(f"cannot read image {bad!r}; remove it from --data-path and re-run (finished batches are kept)")
+            raise UserError(f"cannot read image {bad!r}; remove it from --data-path and re-run (finished batches are kept)")
         x = x.to(device).float() / 127.5 - 1
         if copies == 2:
             x = torch.stack([x, x.flip(3)], 1).flatten(0, 1)    # image i, its mirror image, image i+1, ...

@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError, pick_device, run_main
+from data import IMAGE_EXTS, load_dataset
+from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
+from utils import UserError, number, pick_device, run_main
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -157,7 +159,6 @@ def load_images(path):
         return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), protocol
     if os.path.isdir(path):
         from PIL import Image
-        from data import IMAGE_EXTS
         files = sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns if n.lower().endswith(IMAGE_EXTS))
         if not files:
             raise UserError(f"no images in {path!r}")
@@ -174,22 +175,20 @@ def load_images(path):
 def sample_from_checkpoint(ckpt_path, n, *, steps=None, solver=None, cfg_scale=1.0, ema=True, seed=0,
                            batch_size=256, device="cpu", vae=None):
     """n images from a checkpoint, classes spread evenly; -> (uint8 NCHW, generation protocol).
-    solver and steps default to the checkpoint's (sample.sampler_for)."""
-    from sample import load_for_sampling, sampler_for
-    ckpt, model, decode = load_for_sampling(ckpt_path, "ema" if ema else "model", device, vae)
-    solver, steps = sampler_for(model, solver, steps)
-    images = generate_n(model, n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed,
-                        batch_size=batch_size, device=device, decode=decode)
+    solver and steps default to the checkpoint's objective's (sample.sampler)."""
+    ckpt, model, objective, decode = load_model(ckpt_path, "ema" if ema else "model", device, vae)
+    fn, solver, steps = sampler(objective, solver, steps)
+    images = generate_n(model, n, fn, steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, device=device,
+                        decode=decode)
     return images, {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "solver": solver,
                     "steps": steps, "cfg_scale": cfg_scale, "ema": ema, "seed": seed}
 
 
-def generate_n(model, n, *, steps=None, solver=None, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None):
-    """n images, classes in turn (the same labels for every model, so A/B arms match)."""
-    from sample import generate_many, grid_labels
+def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None):
+    """n images, classes in turn (the same labels and noise for every model, so A/B arms match)."""
     g = torch.Generator(device).manual_seed(seed)
-    return generate_many(model, grid_labels(model.num_classes, n), batch_size=batch_size, generator=g, steps=steps,
-                         solver=solver, cfg_scale=cfg_scale, decode=decode)
+    return generate_many(model, grid_labels(model.num_classes, n), solver, steps, batch_size=batch_size, generator=g,
+                         cfg_scale=cfg_scale, decode=decode)
 
 
 def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu"):
@@ -204,9 +203,8 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
             if made_with and made_with != info["name"]:
                 raise UserError(f"--ref-stats {stats_path!r} was made with {made_with}, not {info['name']}")
             return z["mu"], z["sigma"], {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
-    from data import load_dataset
     ds = load_dataset(data, data_path)
-    if getattr(ds, "images", None) is None or ds.images.dtype != torch.uint8:
+    if ds.images is None or ds.images.dtype != torch.uint8:
         raise UserError(f"--ref-data {data}: the reference must be images, not latents (use --ref-stats or an image folder)")
     mu, sigma = statistics(features(fn, ds.images, batch_size, device))
     return mu, sigma, {"data": data, "data_path": os.path.abspath(data_path), "num_images": len(ds)}
@@ -221,28 +219,53 @@ def fid_name(info, n):
     return f"{base}-{n // 1000}K" if n % 1000 == 0 else f"{base}-{n}"
 
 
+def add_args(parser):
+    """train.py's flags for a periodic FID of the EMA model."""
+    g = parser.add_argument_group("FID during training (fid.py; needs torch-fidelity and the Inception weights)")
+    g.add_argument("--fid-every", type=number(int, min=0), default=0, help="steps between FID evaluations, logged "
+                   "as type=fid (0: never)")
+    g.add_argument("--fid-samples", type=number(int, min=2), default=10_000, help="samples per periodic FID (FID-10K; "
+                   "the final number wants fid.py's 50K)")
+    g.add_argument("--fid-ref-stats", default=None, help="reference statistics .npz (mu, sigma) (default: the "
+                   "training set's)")
+    g.add_argument("--fid-extractor", default=INCEPTION, help="feature extractor: torch-fidelity's Inception, or a "
+                   "classifier .pt from fid.py --train-classifier (offline; not FID)")
+    g.add_argument("--inception-weights", default=None, help="local Inception weights file (offline clusters)")
+
+
 class TrainingFID:
     """Periodic FID during training (train.py --fid-every): the extractor and the reference
-    statistics (the training set, or --fid-ref-stats) are loaded once, when training starts."""
+    statistics (the training set, or --fid-ref-stats) are loaded once, when training starts, so
+    that a missing file stops the run at once, not hours in."""
 
-    def __init__(self, extractor, weights, ref_stats, train_images, device):
-        if train_images is None or train_images.dtype != torch.uint8:
-            raise UserError("--fid-every needs image data; for latent runs score checkpoints with fid.py --ckpt")
+    @classmethod
+    def from_args(cls, args, data, device):
+        if not args.fid_every:
+            return None
+        if data.images is None:
+            raise UserError("--fid-every needs the training images as its reference; for latents, run fid.py on "
+                            "sample.py's .npz with --ref-stats (see docs/imagenet.md)")
+        return cls(args.fid_extractor, args.inception_weights, args.fid_ref_stats, data.images, device,
+                   args.fid_every, args.fid_samples, args.sample_steps, args.sample_cfg)
+
+    def __init__(self, extractor, weights, ref_stats, train_images, device, every, n, steps=None, cfg_scale=1.0):
         self.fn, self.info = load_extractor(extractor, weights, device)
-        self.device = device
+        self.device, self.every, self.n, self.steps, self.cfg_scale = device, every, n, steps, cfg_scale
         if ref_stats:
             self.mu, self.sigma, self.ref = reference_stats(self.fn, self.info, stats_path=ref_stats)
         else:
             self.mu, self.sigma = statistics(features(self.fn, train_images, device=device))
             self.ref = {"data": "the training set", "num_images": len(train_images)}
 
-    def __call__(self, model, n, steps, cfg_scale, seed):
-        from sample import sampler_for
-        solver, steps = sampler_for(model, None, steps)
-        images = generate_n(model, n, steps=steps, solver=solver, cfg_scale=cfg_scale, seed=seed, device=self.device)
+    def due(self, step):
+        return step % self.every == 0
+
+    def __call__(self, model, objective, seed):
+        fn, solver, steps = sampler(objective, None, self.steps)
+        images = generate_n(model, self.n, fn, steps, cfg_scale=self.cfg_scale, seed=seed, device=self.device)
         mu, sigma = statistics(features(self.fn, images, device=self.device))
-        return {"metric": fid_name(self.info, n), "value": frechet_distance(mu, sigma, self.mu, self.sigma),
-                "num_samples": n, "solver": solver, "steps": steps, "cfg_scale": cfg_scale, "ema": True,
+        return {"metric": fid_name(self.info, self.n), "value": frechet_distance(mu, sigma, self.mu, self.sigma),
+                "num_samples": self.n, "solver": solver, "steps": steps, "cfg_scale": self.cfg_scale, "ema": True,
                 "extractor": self.info["name"]}
 
 
@@ -252,7 +275,6 @@ class TrainingFID:
 
 def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
     """Train SmallClassifier on a data set, holding out 10% to report its accuracy."""
-    from data import load_dataset
     ds = load_dataset(data, data_path)
     torch.manual_seed(seed)
     perm = torch.randperm(len(ds))
@@ -291,9 +313,8 @@ def main(argv=None):
     a("--samples", default=None, help="images to score: sample.py's .npz (arr_0 uint8 NHWC) or a directory of images")
     a("--ckpt", default=None, help="or a checkpoint: fid.py draws --num-samples images from it first")
     a("--num-samples", type=int, default=None, help="images to score (default: all of --samples; 50000 with --ckpt)")
-    a("--solver", default=None, choices=("euler", "heun", "meanflow"),
-      help="ODE solver with --ckpt (default: euler; meanflow for MeanFlow checkpoints)")
-    a("--steps", type=int, default=None, help="solver steps with --ckpt (default: 50; 1 for MeanFlow checkpoints)")
+    a("--solver", default=None, choices=SOLVERS, help="solver with --ckpt (default: the checkpoint's objective's)")
+    a("--steps", type=number(int, min=1), default=None, help="solver steps with --ckpt (default: the objective's)")
     a("--cfg-scale", type=float, default=1.0, help="guidance scale with --ckpt (1 = none)")
     a("--raw-weights", action="store_true", help="with --ckpt, sample the raw weights instead of the EMA weights")
     a("--seed", type=int, default=0, help="seed for the initial noise with --ckpt")
@@ -309,7 +330,7 @@ def main(argv=None):
     a("--train-classifier", default=None, metavar="OUT.pt",
       help="instead: train the small FD-classifier on --ref-data and save it here, then exit")
     a("--classifier-epochs", type=int, default=2, help="epochs for --train-classifier")
-    a("--batch-size", type=int, default=200, help="images per forward pass")
+    a("--batch-size", type=number(int, min=1), default=200, help="images per forward pass")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--out", default=None, help="JSON result file (default: next to --samples / --ckpt, <name>.fid.json)")
     args = p.parse_args(argv)
@@ -324,8 +345,6 @@ def main(argv=None):
         raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
-    if args.batch_size < 1 or (args.steps is not None and args.steps < 1):
-        raise UserError("--batch-size and --steps must be at least 1")
 
     fn, info = load_extractor(args.extractor, args.inception_weights, device)
     t0 = time.time()

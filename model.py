@@ -1,10 +1,12 @@
 """DiT: a Diffusion Transformer (Peebles and Xie, 2023) conditioned by adaLN-Zero.
 
-The network maps a noisy image x_t, a time t in [0, 1] and a class label y to a velocity
-(loss.py says which). It can also hand back the output of chosen transformer blocks: that
-residual stream is what the dispersive loss regularises.
+The network maps a noisy image x_t, a time t in [0, 1] and a class label y to what the
+objective regresses (a velocity for flow matching, loss.py). It can also hand back the output
+of chosen transformer blocks: that residual stream is what the dispersive loss regularises.
 
-Reading order: embedders, the block, the final layer, the model, the size registry.
+Reading order: embedders, the block, the final layer, the model, the size registry. The file
+stays comparable with DiT's models.py block by block; extensions (MeanFlow's second time
+input, meanflow.py) are subclasses elsewhere.
 """
 import math
 
@@ -28,10 +30,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden, freq_dim=256, t_scale=1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
-        # The sin-cos frequencies (periods 2*pi .. 2*pi*10000) were designed for integer steps
-        # 0..1000; t in [0, 1] would only ever see the slowest few. Scale it up first.
-        self.t_scale = t_scale
+        self.freq_dim, self.t_scale = freq_dim, t_scale     # t_scale: see DiT.time_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t):
@@ -131,8 +130,13 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 class DiT(nn.Module):
+    # The sin-cos frequencies of the time embedding (periods 2*pi .. 2*pi*10000) were designed
+    # for DDPM's integer steps 0..1000; t in [0, 1] would only ever see the slowest few, so it
+    # is scaled by 1000 first, as DiT's integer steps are.
+    time_scale = 1000.0
+
     def __init__(self, image_size=32, in_channels=3, patch=2, hidden=384, depth=12, heads=6,
-                 mlp_ratio=4.0, num_classes=10, mean_flow=False):
+                 mlp_ratio=4.0, num_classes=10):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image size {image_size} is not divisible by the patch size {patch}")
@@ -141,16 +145,7 @@ class DiT(nn.Module):
         self.grid = image_size // patch
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid, self.grid).unsqueeze(0), persistent=False)
-        # MeanFlow (loss.py) also conditions on the time r the output jumps to. Like the paper's
-        # default (its "(t, t - r)"), a second embedder takes the jump's length r - t and adds it
-        # to c; r = t (length 0) asks for the instantaneous velocity. MeanFlow's target holds
-        # du/dt, which passes through these embeddings, and t * 1000 multiplies it by up to 1000
-        # (on Fashion-MNIST the d_t u part of the target grew to 10x the velocity in 250 steps):
-        # its time embeddings take t in [0, 1] as it is, as SiT's do.
-        self.mean_flow = mean_flow
-        t_scale = 1.0 if mean_flow else 1000.0
-        self.t_embed = TimestepEmbedder(hidden, t_scale=t_scale)
-        self.r_embed = TimestepEmbedder(hidden, t_scale=t_scale) if mean_flow else None
+        self.t_embed = TimestepEmbedder(hidden, t_scale=self.time_scale)
         # num_classes = 0 trains an unconditional model: the table then holds only "null".
         self.y_embed = LabelEmbedder(num_classes, hidden)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
@@ -170,9 +165,6 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embed.table.weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
-        if self.r_embed is not None:
-            nn.init.normal_(self.r_embed.mlp[0].weight, std=0.02)
-            nn.init.normal_(self.r_embed.mlp[2].weight, std=0.02)
         # ... and the zeros of adaLN-Zero: every modulation regressor and the output layer.
         # A fresh model is therefore an identity map per block and outputs exactly 0.
         for block in self.blocks:
@@ -190,24 +182,23 @@ class DiT(nn.Module):
         x = torch.einsum("bhwpqc->bchpwq", x)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x, t, y, return_blocks=(), r=None):
-        """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) long in [0, num_classes] (num_classes
-        is the null label). return_blocks: block numbers counted from 1; when given, also
-        return the list of those blocks' outputs, each (B, T, hidden). r: (B,) the end time
-        of a MeanFlow model's average velocity (None: r = t)."""
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed   # (B, T, hidden)
+    def forward(self, x, t, y, return_blocks=None):
+        """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) long in [0, num_classes] (num_classes is
+        the null label). return_blocks: block numbers counted from 1; when given (even empty),
+        the output comes with a dict {block number: that block's output (B, T, hidden)}."""
         c = self.t_embed(t) + self.y_embed(y)                                 # (B, hidden)
-        if self.mean_flow:
-            c = c + self.r_embed(torch.zeros_like(t) if r is None else r - t)
-        elif r is not None:
-            raise ValueError("r is only for MeanFlow models (build_model(..., mean_flow=True))")
-        feats = []
+        return self.trunk(x, c, return_blocks)
+
+    def trunk(self, x, c, return_blocks=None):
+        """Everything after the conditioning vector c: patches, blocks, final layer, pixels."""
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed   # (B, T, hidden)
+        blocks = {}
         for i, block in enumerate(self.blocks, start=1):
             h = block(h, c)
-            if i in return_blocks:
-                feats.append(h)
+            if return_blocks is not None and i in return_blocks:
+                blocks[i] = h
         out = self.unpatchify(self.final(h, c))                               # (B, C, H, W)
-        return (out, feats) if return_blocks else out
+        return out if return_blocks is None else (out, blocks)
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,9 +219,10 @@ MODELS = {f"DiT-{name}/{patch}": (depth, hidden, heads, patch)
           for name, (depth, hidden, heads) in SIZES.items() for patch in (2, 4, 8)}
 
 
-def build_model(name, image_size=32, in_channels=3, num_classes=10, mean_flow=False):
+def build_model(name, image_size=32, in_channels=3, num_classes=10, cls=DiT):
+    """A model of the registry by name; cls: DiT or a subclass (an objective's, e.g. MeanFlow's)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     depth, hidden, heads, patch = MODELS[name]
-    return DiT(image_size=image_size, in_channels=in_channels, patch=patch, hidden=hidden,
-               depth=depth, heads=heads, num_classes=num_classes, mean_flow=mean_flow)
+    return cls(image_size=image_size, in_channels=in_channels, patch=patch, hidden=hidden,
+               depth=depth, heads=heads, num_classes=num_classes)

@@ -1,431 +1,265 @@
-"""Train a DiT with flow matching, plus the dispersive loss on one block's hidden states.
+"""Train a DiT with flow matching plus the dispersive loss on one block's hidden states.
 
-    python train.py --disp-weight 0.5                  # CIFAR-10, DiT-S/2, dispersive
+    python train.py --disp-weight 0.5                  # CIFAR-10, DiT-S/2, the paper's settings
     python train.py --disp-weight 0                    # the baseline
-    python train.py --objective meanflow               # one-step generation (MeanFlow)
     torchrun --nproc_per_node 8 train.py ...           # several GPUs (DDP)
 
-Everything a run writes goes to --out: metrics.jsonl (the configuration, versions and
-device first, then one line per log step), samples/ (grids of EMA samples) and
-checkpoints/ (plain-dict checkpoints, written atomically). Re-run the same command with
---resume to continue a run exactly where it stopped.
+Everything a run writes goes to --out (rundir.py): metrics.jsonl (the configuration, versions
+and device first, then one line per log step), samples/ (grids of EMA samples) and
+checkpoints/. The same command plus --resume continues a run exactly where it stopped.
 """
 import argparse
 import copy
-import glob
-import math
 import os
 import platform
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DATASETS, BatchStream, load_dataset
-from loss import VARIANTS, meanflow_losses, meanflow_target, meanflow_times, representation_diagnostics, training_losses
+import fid
+import rundir
+from data import DATASETS, Batches, load_dataset
+from loss import VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
-from sample import generate, grid_labels, save_grid
-from utils import (Logger, UserError, autocast, find_resume_checkpoint, list_checkpoints, pick_device, run_main,
-                   save_atomic, stop_on_signals)
+from objectives import OBJECTIVES
+from sample import generate, grid_labels, sampler, save_grid
+from utils import UserError, all_reduce, autocast, barrier, init_distributed, number, run_main
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    # the method (paper defaults: lambda = 0.5, tau = 0.5, block depth // 4, InfoNCE-L2)
-    a("--disp-weight", type=float, default=0.5, help="lambda, weight of the dispersive loss; 0 trains the baseline")
-    a("--disp-tau", type=float, default=0.5, help="temperature tau of the dispersive loss")
-    a("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or 'all' "
-      "(default: depth // 4, the paper's choice; the released PyTorch code used 'last')")
-    a("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the dispersive loss")
-    # the generative objective
-    a("--objective", default="flow", choices=("flow", "meanflow"),
-      help="flow matching (sampled in ~50 steps) or MeanFlow (average velocities, sampled in 1 step; loss.py)")
-    a("--mf-ratio", type=float, default=0.25, help="MeanFlow: share of samples with r != t (the others train plain "
-      "flow matching); the paper's 25%%")
-    a("--mf-logit-mean", type=float, default=0.4, help="MeanFlow: mean of the logit-normal time draws, in this "
-      "project's convention; the paper's lognorm(-0.4, 1.0) uses t = 1 for noise, hence +0.4 here")
-    a("--mf-logit-std", type=float, default=1.0, help="MeanFlow: std of the logit-normal time draws")
-    a("--mf-adaptive-p", type=float, default=1.0, help="MeanFlow: power p of the adaptive loss weight "
-      "1 / (||u - u_tgt||^2 + c)^p; 0 is the plain squared error")
-    a("--mf-adaptive-c", type=float, default=0.01, help="MeanFlow: c of the adaptive loss weight")
-    a("--mf-cfg-omega", type=float, default=1.0, help="MeanFlow: guidance scale omega learnt in training (1: none; "
-      "the paper's ablation liked 3 with kappa 0); 1-step samples then come guided at no extra cost")
-    a("--mf-cfg-kappa", type=float, default=0.0, help="MeanFlow: kappa, the share of the conditional prediction "
-      "mixed into the guided velocity (the effective scale is omega / (1 - kappa))")
-    a("--mf-jvp-precision", default="fp32", choices=("fp32", "autocast"), help="MeanFlow: run the target's "
-      "Jacobian-vector product in float32 (as the released code does) or in the bf16 autocast of the step")
-    # model and data
-    a("--model", default="DiT-S/2", choices=list(MODELS), metavar="MODEL", help=f"model size: {', '.join(MODELS)}")
-    a("--data", default="cifar10", choices=DATASETS, help="data set; 'folder' reads any ImageFolder-layout directory")
-    a("--data-path", default="data", help="where the data set is (or is downloaded to)")
-    a("--image-size", type=int, default=None, help="resize and centre-crop folder images to this size (default: keep)")
-    a("--unconditional", action="store_true", help="ignore the labels (no guidance possible)")
-    a("--p-uncond", type=float, default=0.1, help="share of labels dropped to the null class, for guidance")
-    # optimisation
-    a("--batch-size", type=int, default=128, help="global batch size, split across GPUs")
-    a("--steps", type=int, default=400_000, help="total training steps")
-    a("--lr", type=float, default=1e-4, help="AdamW learning rate (constant after the warmup)")
-    a("--warmup-steps", type=int, default=1000, help="linear learning-rate warmup")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    a("--ema-decay", type=float, default=0.9999, help="EMA decay (ramped up from 0.1 as (1+s)/(10+s) early on)")
-    a("--seed", type=int, default=0, help="seed for the weights, data order and noise")
-    # run
-    a("--out", default=None, help="run directory (default: runs/<data>_<model>[_meanflow]_w<disp-weight>_s<seed>)")
-    a("--resume", nargs="?", const="", default=None, metavar="PATH",
-      help="continue a run: a checkpoint file, a run directory, or nothing for --out's newest checkpoint")
-    a("--compile", action="store_true", help="torch.compile the model (GPU: faster after a minute of compiling)")
-    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    a("--log-every", type=int, default=50, help="steps between log lines (the only host-device syncs)")
-    a("--sample-every", type=int, default=5000, help="steps between grids of EMA samples (0: never)")
-    a("--sample-steps", type=int, default=None, help="sampling steps for those grids (default: 50 Euler steps; MeanFlow: 1 jump)")
-    a("--sample-cfg", type=float, default=1.0, help="guidance scale for those grids")
-    a("--ckpt-every", type=int, default=10_000, help="steps between checkpoints (one is always written at the end)")
-    a("--keep-ckpts", type=int, default=3, help="how many recent checkpoints to keep (0: all)")
-    # periodic FID of the EMA model (fid.py; needs torch-fidelity and the Inception weights)
-    a("--fid-every", type=int, default=0, help="steps between FID evaluations, logged as type=fid (0: never)")
-    a("--fid-samples", type=int, default=10_000, help="samples per periodic FID (FID-10K; the final number wants fid.py's 50K)")
-    a("--fid-ref-stats", default=None, help="reference statistics .npz (mu, sigma) for it (default: the training set's)")
-    a("--fid-extractor", default="inception-v3-compat", help="feature extractor: torch-fidelity's Inception, or a "
-      "classifier .pt from fid.py --train-classifier (offline; not FID)")
-    a("--inception-weights", default=None, help="local Inception weights file for the periodic FID (offline clusters)")
+    g = p.add_argument_group("the method: dispersive loss (the paper's settings; loss.py)")
+    g.add_argument("--disp-weight", type=number(float, min=0), default=0.5, help="lambda; 0 trains the baseline")
+    g.add_argument("--disp-tau", type=number(float, above=0), default=0.5, help="temperature tau")
+    g.add_argument("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or "
+                   "'all' (default: depth // 4, the paper's; the released PyTorch code used 'last')")
+    g.add_argument("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the loss")
+    g.add_argument("--disp-group-size", type=number(int, min=0), default=16, help="the loss is computed within "
+                   "groups of this many consecutive samples of each GPU's batch and averaged: the paper's runs had 16 "
+                   "per device (the released PyTorch code 32); 0: the whole per-GPU batch as one group")
+    g = p.add_argument_group("the generative objective")
+    g.add_argument("--objective", default="flow", choices=list(OBJECTIVES), help="flow matching (the paper's SiT), "
+                   "or another objective of objectives.py; each has its own flags below")
+    g.add_argument("--p-uncond", type=number(float, min=0, max=1), default=0.1,
+                   help="share of labels dropped to the null class, for classifier-free guidance")
+    own_flags = {name: Obj.add_args(p) for name, Obj in OBJECTIVES.items()}
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="DiT-S/2", choices=list(MODELS), metavar="MODEL", help=", ".join(MODELS))
+    g.add_argument("--data", default="cifar10", choices=DATASETS, help="'folder': any ImageFolder directory; "
+                   "'latents': a directory written by encode_latents.py")
+    g.add_argument("--data-path", default="data", help="where the data set is (or is downloaded to)")
+    g.add_argument("--image-size", type=number(int, min=1), default=None,
+                   help="resize and centre-crop folder images to this size (default: keep)")
+    g.add_argument("--unconditional", action="store_true", help="ignore the labels (no guidance possible)")
+    g = p.add_argument_group("optimisation (AdamW)")
+    g.add_argument("--batch-size", type=number(int, min=1), default=128, help="global batch, split across GPUs")
+    g.add_argument("--steps", type=number(int, min=1), default=400_000, help="total training steps")
+    g.add_argument("--lr", type=number(float, min=0), default=1e-4, help="learning rate, constant after the warm-up")
+    g.add_argument("--adam-beta2", type=number(float, min=0, below=1), default=0.999,
+                   help="AdamW beta2: 0.999 as SiT / DiT and the released code; the paper states 0.95")
+    g.add_argument("--warmup-steps", type=number(int, min=0), default=1000, help="linear learning-rate warm-up")
+    g.add_argument("--weight-decay", type=number(float, min=0), default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=number(float, min=0), default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--ema-decay", type=number(float, min=0, below=1), default=0.9999,
+                   help="EMA decay, ramped up as min(decay, (1+s)/(10+s)) so that early samples are not noise")
+    g.add_argument("--seed", type=int, default=0, help="seed for the weights, data order and noise")
+    g = p.add_argument_group("the run")
+    g.add_argument("--out", default=None, help="run directory (default: runs/<data>_<model>[_<objective>]_w<disp-weight>_s<seed>)")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue a run: a checkpoint file, a run directory, or nothing for --out's newest checkpoint")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU: faster after a minute)")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--log-every", type=number(int, min=1), default=50, help="steps between log lines (the only syncs)")
+    g.add_argument("--sample-every", type=number(int, min=0), default=5000, help="steps between grids of EMA samples (0: never)")
+    g.add_argument("--sample-steps", type=number(int, min=1), default=None, help="solver steps for them (default: the objective's)")
+    g.add_argument("--sample-cfg", type=number(float), default=1.0, help="guidance scale for them")
+    g.add_argument("--ckpt-every", type=number(int, min=1), default=10_000, help="steps between checkpoints (and at the end)")
+    g.add_argument("--keep-ckpts", type=number(int, min=0), default=3, help="how many recent checkpoints to keep (0: all)")
+    fid.add_args(p)
     args = p.parse_args(argv)
-    check_args(args)
+
+    for name, group in own_flags.items():   # another objective's flags would be silently ignored
+        changed = [a.option_strings[0] for a in (group._group_actions if group else [])
+                   if name != args.objective and getattr(args, a.dest) != a.default]
+        if changed:
+            raise UserError(f"{', '.join(changed)}: flags of --objective {name}, not of {args.objective}")
+    if args.image_size is not None and args.data not in ("folder", "latents"):
+        raise UserError(f"--image-size: only --data folder (and latents) take it")
+    if args.out is None and args.resume:
+        args.out = rundir.out_from_resume(args.resume)
+    if args.out is None:
+        kind = "" if args.objective == "flow" else f"_{args.objective}"
+        args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}{kind}_w{args.disp_weight:g}_s{args.seed}")
     return args
 
 
-def check_args(args):
-    for name in ("disp_weight", "lr", "weight_decay", "grad_clip", "p_uncond"):
-        v = getattr(args, name)
-        if not math.isfinite(v) or v < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if not math.isfinite(args.disp_tau) or args.disp_tau <= 0:
-        raise UserError(f"--disp-tau must be a finite number > 0, got {args.disp_tau}")
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
-    if args.fid_every < 0 or (args.fid_every and args.fid_samples < 2):
-        raise UserError("--fid-every must be >= 0 and --fid-samples at least 2")
-    for name in ("batch_size", "steps", "log_every", "sample_steps", "ckpt_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "sample_every", "keep_ckpts"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.p_uncond > 1 or not math.isfinite(args.sample_cfg):
-        raise UserError("--p-uncond must lie in [0, 1] and --sample-cfg must be finite")
-    if not 0 <= args.mf_ratio <= 1 or not args.mf_logit_std > 0 or not math.isfinite(args.mf_logit_mean):
-        raise UserError("--mf-ratio must lie in [0, 1], --mf-logit-std must be > 0 and --mf-logit-mean finite")
-    if not (math.isfinite(args.mf_adaptive_p) and args.mf_adaptive_p >= 0 and args.mf_adaptive_c > 0):
-        raise UserError("--mf-adaptive-p must be a finite number >= 0 and --mf-adaptive-c a number > 0")
-    if not (math.isfinite(args.mf_cfg_omega) and math.isfinite(args.mf_cfg_kappa) and 0 <= args.mf_cfg_kappa < 1):
-        raise UserError("--mf-cfg-omega must be finite and --mf-cfg-kappa lie in [0, 1)")
-    if (args.mf_cfg_omega != 1 or args.mf_cfg_kappa != 0) and (args.objective != "meanflow" or args.unconditional
-                                                               or args.p_uncond == 0):
-        raise UserError("--mf-cfg-omega / --mf-cfg-kappa need --objective meanflow, class labels and --p-uncond > 0 "
-                        "(the null class must be trained; flow matching takes its guidance at sampling time: "
-                        "--sample-cfg)")
-    if args.image_size is not None and (args.image_size < 1 or args.data not in ("folder", "latents")):
-        raise UserError(f"--image-size {args.image_size}: only --data folder (and latents) take it, and it must be >= 1")
-    if args.out is None and args.resume:      # --resume RUN_DIR (or RUN_DIR/checkpoints/x.pt) continues that run
-        path = os.path.normpath(args.resume)
-        if not os.path.isfile(path):
-            args.out = path
-        elif os.path.basename(os.path.dirname(path)) == "checkpoints":
-            args.out = os.path.dirname(os.path.dirname(path))
-        else:
-            raise UserError(f"--resume {args.resume!r} is a checkpoint outside a run directory; say where the run "
-                            f"continues with --out")
-    if args.out is None:
-        kind = "_meanflow" if args.objective == "meanflow" else ""
-        args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}{kind}_w{args.disp_weight:g}_s{args.seed}")
-
-
-def parse_blocks(spec, depth):
-    """--disp-block -> a tuple of block numbers in [1, depth]."""
-    if spec is None:
-        return (max(1, depth // 4),)
-    if spec == "last":
-        return (depth,)
-    if spec == "all":
-        return tuple(range(1, depth + 1))
+def build(args, data, device, world=1):
+    """The model, its EMA copy, the optimiser and the objective (shared with bench.py)."""
+    Objective = OBJECTIVES[args.objective]
+    C, H, W = data.shape
+    num_classes = 0 if args.unconditional else data.num_classes
+    if H != W:
+        raise UserError(f"images are {H}x{W}; the model needs square images (use --image-size)")
+    torch.manual_seed(args.seed)
     try:
-        blocks = tuple(sorted({int(s) for s in spec.split(",")}))
-    except ValueError:
-        raise UserError(f"--disp-block {spec!r}: expected N, N,M,..., 'last' or 'all'") from None
-    if not all(1 <= b <= depth for b in blocks):
-        raise UserError(f"--disp-block {spec!r} is out of range: this model has blocks 1..{depth}")
-    return blocks
+        model = build_model(args.model, H, C, num_classes, cls=Objective.model_class).to(device)
+    except ValueError as e:
+        fix = "encode the latents at another size" if args.data == "latents" else "use --image-size"
+        raise UserError(f"{e} (model {args.model}, data {C}x{H}x{W}); {fix} or choose another --model") from None
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2),
+                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+    objective = Objective.from_args(args, model, num_classes if num_classes else None)
+    reg, local = objective.reg, args.batch_size // world
+    if args.batch_size % (world * objective.views):
+        raise UserError(f"--batch-size {args.batch_size} does not split into {world} process(es) x "
+                        f"{objective.views} view(s)")
+    if reg.weight > 0 and reg.group_size and local % reg.group_size:
+        raise UserError(f"--disp-group-size {reg.group_size} does not divide the batch of {local} per process; "
+                        f"choose a divisor of it, or 0 for the whole batch")
+    return model, ema, opt, objective
 
 
-def step_randomness(gen, seed, step, shape, p_uncond, mine=slice(None)):
-    """Flip mask, noise, times and label-drop mask of one step. All randomness of a step comes
-    from (seed, step) and is drawn for the whole global batch (shape[0] samples), each rank
-    taking its slice `mine`: 1 or 8 GPUs see the same samples and noise (the dispersive term,
-    computed per GPU, is the only difference), and resume is exact. The odd multiplier keeps
-    the seeds of (seed, step) and (seed + 1, step') apart."""
-    gen.manual_seed(seed * 1_000_003 + step)
-    B, device = shape[0], gen.device
-    flip = (torch.rand(B, device=device, generator=gen) < 0.5)[mine]
-    eps = torch.randn(shape, device=device, generator=gen)[mine]
-    t = torch.rand(B, device=device, generator=gen)[mine]
-    drop = (torch.rand(B, device=device, generator=gen) < p_uncond)[mine]
-    return flip, eps, t, drop
-
-
-def update(model, ema, opt, loss, grad_clip, ema_decay):
-    """Backward, gradient clipping, the AdamW step, then the EMA of the weights."""
+def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip, watch=()):
+    """One optimisation step on batch = (x, y, noise); returns the loss terms."""
+    x, y, noise = batch
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast(x.device):
+        losses = objective(net, x, y, noise, watch)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    losses["total"].backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     with torch.no_grad():   # ema = decay * ema + (1 - decay) * w, all tensors in one kernel
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - ema_decay)
+    return losses
 
 
-NEVER = 2 ** 62
-
-
-def check_finite(first_bad):
-    """first_bad: the first step at which (flow, dispersive) was non-finite, NEVER if never."""
-    steps = first_bad.tolist()
-    if min(steps) < NEVER:
-        names = [f"{name} (step {s})" for name, s in zip(("flow", "dispersive"), steps) if s < NEVER]
-        raise UserError(f"the loss became non-finite: {', '.join(names)}; stopping without saving "
-                        f"(the checkpoints on disk are from before)")
+def log_values(losses, reg, local_batch):
+    """What a log line reports, as one tensor (averaged over GPUs in one call): the loss terms;
+    the dispersive loss of the regularised blocks whatever its weight (grouped as trained, and
+    over the whole per-GPU batch); and per block its outputs' mean squared distance / d and rms."""
+    blocks = losses["blocks"]
+    G = reg.group_size if reg.group_size and local_batch % reg.group_size == 0 else 0
+    diag = [torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=g) for b in reg.blocks]).mean()
+            for g in (G, 0)]
+    per_block = [torch.stack(block_stats(blocks[b])) for b in sorted(blocks)]
+    return torch.cat([torch.stack([losses["flow"], losses["disp"], losses["total"], *diag]).detach().float(),
+                      torch.stack(per_block).T.flatten()])
 
 
 def main(argv=None):
     args = get_args(argv)
-
-    # --- processes and device ------------------------------------------------------------
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-        if ":" in args.device:
-            raise UserError(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK")
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() and args.device in ("auto", "cuda") else pick_device(args.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
+    rank, world, device = init_distributed(args.device)
     main_proc = rank == 0
-    if args.disp_weight > 0 and args.batch_size // world == 1 and main_proc:
-        print("warning: with 1 sample per process the dispersive loss is constant (0) and does nothing", file=sys.stderr)
     torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32
     torch.backends.cudnn.allow_tf32 = True
+    resume_path, ckpt = rundir.prepare(args.out, args.resume, main_proc)
 
-    # --- run directory -------------------------------------------------------------------
-    resume_path, ckpt = None, None
-    if args.resume is not None:
-        resume_path, ckpt = find_resume_checkpoint(args.resume or args.out)
-    elif list_checkpoints(args.out):
-        raise UserError(f"run directory {args.out!r} already has checkpoints; add --resume to continue it, "
-                        f"or choose another --out")
-    if main_proc:
-        try:
-            os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
-            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-            probe = os.path.join(args.out, ".write_test")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise UserError(f"cannot write to --out {args.out!r}: {e.strerror}") from None
-        for tmp in glob.glob(os.path.join(args.out, "checkpoints", "*.tmp*")):
-            os.remove(tmp)                          # half-written by a process that was killed
-        log_path = os.path.join(args.out, "metrics.jsonl")
-        if ckpt is None and os.path.exists(log_path):   # a fresh start never appends to an old log
-            os.replace(log_path, os.path.join(args.out, f"metrics.{int(time.time())}.jsonl"))
-
-    # --- data: small sets live whole on the training device -----------------------------
-    if ddp and not main_proc:
-        dist.barrier()                              # let rank 0 download first
+    # --- data (small sets live whole on the training device), model, EMA, optimiser, objective ---
+    if not main_proc:
+        barrier()                                   # let rank 0 download first
     data = load_dataset(args.data, args.data_path, args.image_size).to(device)
-    if ddp and main_proc:
-        dist.barrier()
-    N, (C, H, W) = len(data), data.shape
-    if H != W:
-        raise UserError(f"images are {H}x{W}; the model needs square images (use --image-size)")
-    num_classes = 0 if args.unconditional else data.num_classes
-    mf = args.objective == "meanflow"
-    if num_classes == 0 and (args.mf_cfg_omega != 1 or args.mf_cfg_kappa != 0):
-        raise UserError("--mf-cfg-omega / --mf-cfg-kappa need class labels; this data set has none")
-    # Grids of a latent model are decoded by the set's VAE, loaded now: a VAE that cannot be
-    # loaded stops the run here, not at the first grid hours later.
-    decode = data.decoder(device) if main_proc and args.sample_every and hasattr(data, "decoder") else None
-    if args.fid_every and not hasattr(data, "images"):
-        raise UserError("--fid-every needs the training images as its reference; for latents, run fid.py on "
-                        "sample.py's .npz with --ref-stats (see the README's ImageNet section)")
-
-    fid_eval = None
-    if main_proc and args.fid_every:   # extractor and reference statistics now: a missing file fails here, not hours in
-        import fid                     # (torch-fidelity is only needed when asked for)
-        fid_eval = fid.TrainingFID(args.fid_extractor, args.inception_weights, args.fid_ref_stats, data.images, device)
-
-    # --- model, EMA, optimiser -----------------------------------------------------------
-    torch.manual_seed(args.seed)
-    try:
-        model = build_model(args.model, H, C, num_classes, mean_flow=mf).to(device)
-    except ValueError as e:
-        fix = "encode the latents at another size" if args.data == "latents" else "use --image-size"
-        raise UserError(f"{e} (model {args.model}, data {C}x{H}x{W}); {fix} or choose another --model") from None
-    disp_blocks = parse_blocks(args.disp_block, model.depth)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    model_config = {"name": args.model, "image_size": H, "in_channels": C, "num_classes": num_classes,
-                    "objective": args.objective}
-    start_step = 0
-    if ckpt is not None:
-        ckpt_config = {"objective": "flow", **ckpt["model_config"]}   # checkpoints from before MeanFlow
-        for k, v in model_config.items():
-            if ckpt_config.get(k) != v:
-                raise UserError(f"checkpoint {resume_path!r} does not match this run: its {k} is "
-                                f"{ckpt_config.get(k)!r}, this run's is {v!r}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])       # after the optimiser exists (the released code did it before)
-        start_step = ckpt["step"]
-        newer = [p for p in list_checkpoints(args.out) if int(os.path.basename(p)[5:-3]) > start_step]
-        if newer and os.path.isfile(args.resume):
-            # Continuing from an older file would interleave two histories in one directory
-            # (and the newest-first pruning could delete what this run writes).
-            raise UserError(f"{args.out!r} has checkpoints newer than {resume_path!r} ({newer[0]}); move them "
-                            f"away to restart from the older one, or choose another --out")
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if main_proc:
-            print(f"resumed from {resume_path} at step {start_step}")
-            changed = [k for k in ("seed", "batch_size", "lr", "disp_weight", "disp_tau", "disp_block", "disp_variant",
-                                   "p_uncond", "ema_decay", "data", "mf_ratio", "mf_logit_mean", "mf_logit_std",
-                                   "mf_adaptive_p", "mf_adaptive_c", "mf_cfg_omega", "mf_cfg_kappa", "mf_jvp_precision")
-                       if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]   # older checkpoints lack mf_*
-            if changed:
-                print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
-                      f"the run will not match an uninterrupted one", file=sys.stderr)
-            if start_step >= args.steps:
-                print(f"nothing to do: the checkpoint is at step {start_step} and --steps is {args.steps}")
-    n_params = sum(p.numel() for p in model.parameters())
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    if main_proc:
+        barrier()
+    model, ema, opt, objective = build(args, data, device, world)
+    reg, views, local = objective.reg, objective.views, args.batch_size // world
+    if reg.weight > 0 and (reg.group_size or local) == 1 and main_proc:
+        print("warning: the dispersive loss of 1 sample is constant (0) and does nothing", file=sys.stderr)
+    model_config = {"name": args.model, "image_size": data.shape[1], "in_channels": data.shape[0],
+                    "num_classes": model.num_classes, "objective": args.objective}
+    start = rundir.restore(ckpt, resume_path, model, ema, opt, model_config, args, main_proc) if ckpt else 0
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
         net = torch.compile(net)
-    # MeanFlow's target (a JVP, no gradient) goes through the bare model: torch.func.jvp cannot
-    # go through DDP, and the target needs no gradient sync. Compiled as a whole function.
-    target_fn = torch.compile(meanflow_target) if args.compile and mf else meanflow_target
+    solver, _, sample_steps = sampler(args.objective, None, args.sample_steps)
+    # Grids of a latent model are decoded by the set's VAE, loaded now: a VAE that cannot be
+    # loaded stops the run here, not at the first grid hours later. So does a missing FID file.
+    decode = data.decoder(device) if main_proc and args.sample_every and args.data == "latents" else None
+    fid_eval = fid.TrainingFID.from_args(args, data, device) if main_proc else None
 
-    log = Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start_step if ckpt else None)
-    log(type="config", step=start_step, args=vars(args), model_config=model_config, params=n_params,
-        disp_blocks=list(disp_blocks), world_size=world, resumed_from=resume_path, vae=getattr(data, "vae", None),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()})",
+    log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if ckpt else None)
+    log(type="config", step=start, args=vars(args), model_config=model_config,
+        params=sum(p.numel() for p in model.parameters()), disp_blocks=list(reg.blocks), world_size=world,
+        resumed_from=resume_path, vae=data.vae, device=describe(device),
         versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda})
 
-    def save_checkpoint(step):
+    def save(step):
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise UserError(f"weights are not finite at step {step}; not saving (earlier checkpoints are intact)")
         if main_proc:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                      "args": vars(args), "model_config": model_config, "classes": data.classes,
-                     "vae": getattr(data, "vae", None),      # latent sets: the VAE that decodes samples
+                     "vae": data.vae,      # latent sets: the VAE that decodes samples
                      "rng": {"torch": torch.get_rng_state()}, "versions": {"torch": str(torch.__version__)}}
-            path = os.path.join(args.out, "checkpoints", f"step_{step:07d}.pt")
-            save_atomic(state, path)
-            for old in list_checkpoints(args.out)[args.keep_ckpts:] if args.keep_ckpts else []:
-                os.remove(old)
-            return path
+            return rundir.save_checkpoint(args.out, step, state, args.keep_ckpts)
 
     # --- the loop ------------------------------------------------------------------------
-    with stop_on_signals() as stop, \
-            tqdm(total=args.steps, initial=start_step, disable=not main_proc, dynamic_ncols=True) as pbar:
-        stream = BatchStream(N, args.batch_size, args.seed, rank, world, data.index_device)
-        local = args.batch_size // world
-        mine = slice(rank * local, (rank + 1) * local)
-        gen = torch.Generator(device)
-        first_bad = torch.full((2,), NEVER, device=device)   # first step each term was non-finite
-        t_last, step_last = time.perf_counter(), start_step
-        net.train()
-        for step in range(start_step, args.steps):
-            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = stream.indices(step)               # already where the data set is: no copy, no sync
-            flip, eps, t, drop = step_randomness(gen, args.seed, step, (args.batch_size, C, H, W), args.p_uncond, mine)
-            if mf:   # MeanFlow draws its own (t, r), also for the whole global batch
-                t, r = (z[mine] for z in meanflow_times(args.batch_size, gen, device, args.mf_logit_mean,
-                                                        args.mf_logit_std, args.mf_ratio))
-            # Latent sets draw their posterior noise from gen too, after the draws above (image
-            # sets draw nothing, so their numbers do not depend on this order).
-            x, y = data.batch(idx, generator=gen)
-            if num_classes == 0:
-                y = torch.zeros_like(y)
-            if data.flip:
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-
-            log_now = (step + 1) % args.log_every == 0 or step + 1 == args.steps
-            common = dict(disp_weight=args.disp_weight, disp_tau=args.disp_tau, disp_blocks=disp_blocks,
-                          disp_variant=args.disp_variant, null_label=num_classes if num_classes else None,
-                          p_uncond=args.p_uncond, eps=eps, t=t, drop=drop, return_feats=log_now)
-            with autocast(device):
-                if mf:
-                    losses = meanflow_losses(net, x, y, r=r, adaptive_p=args.mf_adaptive_p,
-                                             adaptive_c=args.mf_adaptive_c, cfg_omega=args.mf_cfg_omega,
-                                             cfg_kappa=args.mf_cfg_kappa, target_model=model, target_fn=target_fn,
-                                             jvp_fp32=args.mf_jvp_precision == "fp32", **common)
-                else:
-                    losses = training_losses(net, x, y, **common)
-            update(model, ema, opt, losses["total"], args.grad_clip, min(args.ema_decay, (1 + step) / (10 + step)))
-            bad = ~torch.isfinite(torch.stack([losses["flow"].detach(), losses["disp"].detach()]))
-            first_bad = torch.where(bad, torch.clamp(first_bad, max=step + 1), first_bad)   # no sync
+    batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
+                      labels=model.num_classes > 0)
+    guard = rundir.NonFiniteGuard(("flow", "dispersive"), device)
+    every_block = tuple(range(1, model.depth + 1))
+    t_last, step_last = time.perf_counter(), start
+    net.train()
+    with rundir.stop_on_signals() as stop, \
+            tqdm(total=args.steps, initial=start, disable=not main_proc, dynamic_ncols=True) as pbar:
+        for step in range(start, args.steps):
             done = step + 1
+            log_now = done % args.log_every == 0 or done == args.steps
+            # the step: loss terms, backward, AdamW, EMA (ramped up early on)
+            lr = args.lr * min(1.0, done / max(1, args.warmup_steps))
+            losses = train_step(net, model, ema, opt, objective, batches(step), lr,
+                                min(args.ema_decay, (1 + step) / (10 + step)), args.grad_clip,
+                                watch=every_block if log_now else ())
+            guard.update((losses["flow"], losses["disp"]), done)      # no host-device sync here
+            pbar.update(1)
 
+            # log: the only host-device sync, every --log-every steps
             if log_now:
-                diag = representation_diagnostics(losses["feats"], args.disp_variant, args.disp_tau)
-                vals = torch.cat([torch.stack([losses["flow"], losses["disp"], losses["total"]]).detach().float(), diag])
-                if ddp:
-                    dist.all_reduce(vals)
-                    vals /= world
-                    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-                flow, disp, total, disp_diag, dist_diag = vals.tolist()
-                check_finite(first_bad)
+                vals = all_reduce(log_values(losses, reg, local)).tolist()
+                guard.check()
                 now = time.perf_counter()
                 ips = (done - step_last) * args.batch_size / (now - t_last)
                 t_last, step_last = now, done
-                log(type="train", step=done, flow=flow, disp=disp, total=total, lr=lr, img_per_s=ips,
-                    disp_diag=disp_diag, mean_sq_dist=dist_diag)
-                pbar.set_postfix(flow=f"{flow:.4f}", disp=f"{disp:.4f}", img_s=f"{ips:.0f}")
-            pbar.update(1)
+                D = model.depth
+                log(type="train", step=done, flow=vals[0], disp=vals[1], total=vals[2], disp_diag=vals[3],
+                    disp_diag_batch=vals[4], lr=lr, img_per_s=ips, block_dist=vals[5:5 + D], block_rms=vals[5 + D:],
+                    mean_sq_dist=sum(vals[5 + b - 1] for b in reg.blocks) / len(reg.blocks))
+                pbar.set_postfix(flow=f"{vals[0]:.4f}", disp=f"{vals[1]:.4f}", img_s=f"{ips:.0f}")
 
+            # samples and evaluations of the EMA model
             if main_proc and args.sample_every and done % args.sample_every == 0:
-                ema.eval()
-                g = torch.Generator(device).manual_seed(args.seed)
-                n = (min(num_classes, 16) if num_classes else 8) * 8
-                imgs = generate(ema, grid_labels(num_classes, n).to(device), steps=args.sample_steps,
-                                cfg_scale=args.sample_cfg, generator=g, decode=decode)
+                n = (min(model.num_classes, 16) if model.num_classes else 8) * 8
+                imgs = generate(ema.eval(), grid_labels(model.num_classes, n).to(device), solver, sample_steps,
+                                cfg_scale=args.sample_cfg, generator=torch.Generator(device).manual_seed(args.seed),
+                                decode=decode)
                 save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
-            if fid_eval is not None and done % args.fid_every == 0:
-                ema.eval()
-                log(type="fid", step=done, **fid_eval(ema, args.fid_samples, args.sample_steps, args.sample_cfg, args.seed))
-            if ddp and done % args.log_every == 0:   # agree on a stop signal at log steps
-                flag = torch.tensor([stop["signal"] is not None], device=device, dtype=torch.int)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() and stop["signal"] is None:
-                    stop["signal"] = "a signal on another rank"
-            stopping = stop["signal"] is not None and (not ddp or done % args.log_every == 0)
+            if fid_eval is not None and fid_eval.due(done):
+                log(type="fid", step=done, **fid_eval(ema.eval(), args.objective, args.seed))
+
+            # checkpoints, and a clean stop on SIGINT / SIGTERM (all GPUs agree at log steps)
+            stopping = rundir.agree_to_stop(stop, device) if done % args.log_every == 0 or world == 1 else False
             if done % args.ckpt_every == 0 or done == args.steps or stopping:
-                if ddp:                    # every rank must agree before saving
-                    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-                check_finite(first_bad)
-                path = save_checkpoint(done)
+                guard.check()
+                path = save(done)
                 if stopping:
                     if main_proc:
                         pbar.close()
                         print(f"stopped by {stop['signal']} at step {done}; saved {path}; continue with --resume")
                     break
-    if ddp:
-        dist.destroy_process_group()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def describe(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

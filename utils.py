@@ -1,38 +1,49 @@
-"""Small shared pieces: user-facing errors, devices, checkpoint files, signals and the metrics log.
-
-Checkpoints are plain dicts of tensors, numbers and strings, so they load with
-torch.load(weights_only=True) (the default since PyTorch 2.6), which runs no code from the
-file. They are written atomically: to a temporary file in the same directory, flushed to
-disk, then renamed over the final name, so a crash leaves either the old file or the new
-one, never half of one.
-"""
+"""Small shared pieces at the bottom of the import graph: one-line errors, flag types,
+devices, bf16 autocast and the few lines of multi-GPU set-up."""
+import argparse
 import contextlib
-import glob
-import json
+import math
 import os
-import pickle
-import re
-import signal
 import sys
 
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
+    """A problem the user can fix (a flag, a file, the data); printed as one line, exit status 2."""
 
 
 def run_main(main):
-    """Call main(); turn UserError (and data errors) into one line on stderr and exit 2."""
-    from data import DataError
+    """Call main(); turn a UserError into one line on stderr and exit status 2."""
     try:
         main()
-    except (UserError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def number(kind=float, min=None, max=None, above=None, below=None):
+    """An argparse type: a finite int or float within the given bounds (min / max inclusive,
+    above / below exclusive). A value outside them is a one-line usage error, exit status 2."""
+    bounds = [f">= {min}" if min is not None else "", f"> {above}" if above is not None else "",
+              f"<= {max}" if max is not None else "", f"< {below}" if below is not None else ""]
+    want = f"{'an integer' if kind is int else 'a finite number'} {' and '.join(b for b in bounds if b)}".strip()
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        ok = (math.isfinite(v) and (min is None or v >= min) and (max is None or v <= max)
+              and (above is None or v > above) and (below is None or v < below))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return v
+    return parse
 
 
 def pick_device(name="auto"):
@@ -61,133 +72,34 @@ def autocast(device):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoint files
+# Several processes (torchrun): DDP over NCCL on GPUs, gloo on the CPU
 # ----------------------------------------------------------------------------------------
 
-CKPT_RE = re.compile(r"step_(\d+)\.pt$")
+def init_distributed(device_flag="auto"):
+    """(rank, world size, device). One process unless launched by torchrun, which sets RANK and
+    WORLD_SIZE; each process then takes the GPU of its LOCAL_RANK."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, pick_device(device_flag)
+    if ":" in device_flag:
+        raise UserError(f"--device {device_flag}: under torchrun each process takes the GPU of its LOCAL_RANK")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else pick_device(device_flag)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
-def save_atomic(obj, path):
-    """torch.save to path.tmp, fsync, rename. On failure (disk full, permissions) the
-    temporary file is removed, the previous checkpoints are untouched, and a UserError says so."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)                # make the rename itself durable
-        finally:
-            os.close(dfd)
-    except (OSError, RuntimeError) as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise UserError(f"could not write checkpoint {path!r} ({e}); earlier checkpoints are intact") from None
+def all_reduce(t, op="mean"):
+    """In place over all processes ('mean', 'min' or 'max'); a no-op in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op={"mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        if op == "mean":
+            t /= dist.get_world_size()
+    return t
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint safely (weights_only=True) with one-line errors."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # unsafe, truncated or foreign files
-        unsafe = [l.strip() for l in str(e).splitlines() if "Unsupported global" in l]
-        if isinstance(e, pickle.UnpicklingError) and unsafe:
-            raise UserError(f"refusing to load {path!r}: it holds pickled Python objects, which could run code "
-                            f"when loaded ({unsafe[0].split(' was not')[0]})") from None
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read checkpoint {path!r} (damaged or not a checkpoint): {type(e).__name__} {first}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise UserError(f"{path!r} is not a checkpoint written by train.py (no 'model' / 'model_config' entries)")
-    return ckpt
-
-
-def list_checkpoints(run_dir):
-    """Complete checkpoints in run_dir/checkpoints, newest first (temporary files are ignored)."""
-    found = []
-    for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")):
-        m = CKPT_RE.search(p)
-        if m:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def find_resume_checkpoint(path):
-    """--resume PATH: a checkpoint file, or a run directory whose newest readable checkpoint is used."""
-    if os.path.isfile(path):
-        return path, load_checkpoint(path)
-    if not os.path.isdir(path):
-        raise UserError(f"--resume {path!r}: no such file or run directory")
-    for p in list_checkpoints(path):
-        try:
-            return p, load_checkpoint(p)
-        except UserError as e:
-            print(f"warning: skipping unreadable checkpoint ({e})", file=sys.stderr)
-    raise UserError(f"--resume {path!r}: no checkpoint found in {os.path.join(path, 'checkpoints')}")
-
-
-def build_from_checkpoint(ckpt, weights="ema"):
-    """Rebuild the model a checkpoint describes and load its EMA (default) or raw weights."""
-    from model import build_model
-    cfg = ckpt["model_config"]
-    model = build_model(cfg["name"], cfg["image_size"], cfg["in_channels"], cfg["num_classes"],
-                        mean_flow=cfg.get("objective", "flow") == "meanflow")
-    if weights not in ckpt:
-        raise UserError(f"the checkpoint has no {weights!r} weights")
-    state = ckpt[weights]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit {cfg['name']}: {str(e).splitlines()[0]}") from None
-    return model
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler pre-empting the job) only raise a flag; the
-    loop finishes its step, saves a checkpoint and exits cleanly. Handlers are restored after."""
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:      # a second Ctrl-C: give up at once, without saving
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        print(f"\n{stop['signal']}: finishing this step and saving a checkpoint (again to quit without saving)",
-              file=sys.stderr)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-class Logger:
-    """metrics.jsonl in the run directory; rank 0 only."""
-
-    def __init__(self, path, enabled, keep_until_step=None):
-        self.enabled, self.path = enabled, path
-        if enabled and keep_until_step is not None and os.path.exists(path):
-            # Resuming: drop what the interrupted run logged after its last checkpoint, so
-            # the log reads as one uninterrupted run.
-            with open(path) as f:
-                lines = [l for l in f if self._keep(l, keep_until_step)]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(path + ".tmp", path)
-
-    @staticmethod
-    def _keep(line, until):
-        try:
-            return json.loads(line).get("step", 0) <= until
-        except ValueError:        # a line torn by a kill in mid-write
-            return False
-
-    def __call__(self, **record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()

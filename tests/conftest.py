@@ -28,7 +28,7 @@ def image_folder(tmp_path):
 
 def tiny_args(data_path, out, *extra):
     return ["--data", "folder", "--data-path", str(data_path), "--model", "DiT-Mi/4", "--batch-size", "8",
-            "--log-every", "2", "--sample-every", "0", "--ckpt-every", "1000", "--warmup-steps", "2",
+            "--log-every", "2", "--sample-every", "0", "--ckpt-every", "1000", "--warmup-steps", "2", "--disp-group-size", "4",
             "--out", str(out), "--device", "cpu", *extra]
 
 

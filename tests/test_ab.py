@@ -1,29 +1,32 @@
-"""ab.py: both arms on a tiny budget, the same data order and noise, the table, --compare."""
+"""ab.py: every arm on a tiny budget with the same data order and noise, a table that is the
+statistics of its rows, --compare."""
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
 
 import ab
+import data
 import train
 from conftest import read_jsonl, tiny_args
+from rundir import list_checkpoints, load_checkpoint
 from utils import UserError
 
 
-def test_ab_two_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch, capsys):
+def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch, capsys):
     seen = []          # (seed, step, indices) for every batch every run drew, in order
 
-    class Recording(train.BatchStream):
+    class Recording(data.BatchStream):
         def indices(self, step):
             idx = super().indices(step)
             seen.append((self.seed, step, idx.tolist()))
             return idx
-    monkeypatch.setattr(train, "BatchStream", Recording)
+    monkeypatch.setattr(data, "BatchStream", Recording)
 
     root = tmp_path / "ab"
     # tiny_args' --out is dropped: ab.py chooses it (passing it is an error, tested below)
-    targs = tiny_args(image_folder, "unused", "--log-every", "1")
+    targs = tiny_args(image_folder, "unused", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "0")
     i = targs.index("--out")
     targs = targs[:i] + targs[i + 2:]
     rows = ab.main(["--steps", "3", "--seeds", "0,1", "--disp-weight", "0.5", "--root", str(root), "--", *targs])
@@ -33,32 +36,43 @@ def test_ab_two_arms_same_data_table_and_compare(image_folder, tmp_path, monkeyp
     runs = [seen[k:k + 3] for k in range(0, 12, 3)]
     assert len(seen) == 12 and [r[0][0] for r in runs] == [0, 0, 1, 1]
     assert runs[0] == runs[1] and runs[2] == runs[3] and runs[0] != runs[2]
-    logs = {name: [r for r in read_jsonl(root / name / "metrics.jsonl") if r["type"] == "train"]
-            for name in ("w0_s0", "w0.5_s0", "w0_s1", "w0.5_s1")}
+    names = ("baseline_s0", "dispersive_s0", "baseline_s1", "dispersive_s1")
+    logs = {n: [r for r in read_jsonl(root / n / "metrics.jsonl") if r["type"] == "train"] for n in names}
+    ckpts = {n: load_checkpoint(list_checkpoints(root / n)[0]) for n in names}
     for seed in (0, 1):
-        base, disp = logs[f"w0_s{seed}"], logs[f"w0.5_s{seed}"]
-        # step 1 runs before any update: same weights, batch and noise give the same numbers
-        assert base[0]["flow"] == pytest.approx(disp[0]["flow"], rel=1e-6)
-        assert base[0]["disp_diag"] == pytest.approx(disp[0]["disp_diag"], rel=1e-6)
-        assert all(r["disp"] == 0 for r in base) and all(r["disp"] < 0 for r in disp)
-        # the baseline logs the diagnostics too: -log B <= L_disp <= 0
-        assert all(-np.log(8) <= r["disp_diag"] <= 0 and r["mean_sq_dist"] > 0 for r in base)
+        base, disp = f"baseline_s{seed}", f"dispersive_s{seed}"
+        assert all(r["disp"] == 0 for r in logs[base]) and all(r["disp"] < 0 for r in logs[disp])
+        assert ckpts[base]["args"]["disp_weight"] == 0 and ckpts[disp]["args"]["disp_weight"] == 0.5
+        # the same start (the seed's weights), then the regulariser makes the arms' weights differ
+        differ = [k for k in ckpts[base]["model"] if not torch.equal(ckpts[base]["model"][k], ckpts[disp]["model"][k])]
+        assert any(k.startswith("blocks.0.") for k in differ)        # block 1 = depth // 4 is dispersed
+        # the baseline logs the diagnostics too: -log G <= L_disp <= 0 for groups of 4
+        assert all(-np.log(4) <= r["disp_diag"] <= 0 and r["mean_sq_dist"] > 0 for r in logs[base])
 
-    # the table: one line per arm (mean ± std over both seeds), and the paired difference
-    assert "| baseline (w=0) | 0,1 | 3 |" in printed and "| dispersive (w=0.5) | 0,1 | 3 |" in printed
-    assert "Δ (w=0.5) - baseline, paired" in printed and "±" in printed
-    assert {"flow", "ema_flow", "disp_diag", "mean_sq_dist"} <= set(rows[0])
+    # the table: one line per arm, and it is exactly the statistics of ab.json's rows
+    saved = json.load(open(root / "ab.json"))
+    assert len(saved["rows"]) == 4 and saved["rows"] == json.loads(json.dumps(rows))
     md = (root / "ab.md").read_text()
-    assert md.strip() in printed and len(json.load(open(root / "ab.json"))["rows"]) == 4
-    assert Image.open(root / "ab.png").size == (640, 400)
+    assert md.strip() in printed
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()[2:]}
+    header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
+    by = {(r["arm"], r["seed"]): r for r in saved["rows"]}
+    for metric in ("flow", "ema_flow", "disp_diag", "mean_sq_dist"):
+        col = header.index(metric) - 1
+        for arm in ("baseline", "dispersive"):
+            vals = [by[(arm, s)][metric] for s in (0, 1)]
+            assert table[arm][col] == f"{np.mean(vals):.4g} ± {np.std(vals, ddof=1):.2g}"
+        diffs = [by[("dispersive", s)][metric] - by[("baseline", s)][metric] for s in (0, 1)]
+        assert table["Δ dispersive - baseline, paired"][col] == f"{np.mean(diffs):.4g} ± {np.std(diffs, ddof=1):.2g}"
+        assert diffs[0] != 0 and diffs[1] != 0
+    assert table["baseline"][:2] == ["0,1", "3"]
 
     # --compare re-evaluates existing runs without training, to the same table;
     # re-running the A/B itself finds the runs done and trains nothing either
     def no_training(argv):
         raise AssertionError("trained again")
     monkeypatch.setattr(train, "main", no_training)
-    dirs = [str(root / n) for n in ("w0_s0", "w0.5_s0", "w0_s1", "w0.5_s1")]
-    ab.main(["--compare", *dirs, "--root", str(tmp_path / "cmp")])
+    ab.main(["--compare", *[str(root / n) for n in names], "--root", str(tmp_path / "cmp")])
     assert (tmp_path / "cmp" / "ab.md").read_text() == md
     ab.main(["--steps", "3", "--seeds", "0,1", "--root", str(root), "--", *targs])
     assert (root / "ab.md").read_text() == md
@@ -71,3 +85,5 @@ def test_ab_bad_input(tmp_path):
         ab.main(["--steps", "2", "--root", str(tmp_path), "--", "--seed", "3"])
     with pytest.raises(UserError, match="not a run directory"):
         ab.main(["--compare", str(tmp_path), "--root", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="--arms 'baseline,nope'"):
+        ab.main(["--steps", "2", "--arms", "baseline,nope", "--root", str(tmp_path)])

@@ -15,7 +15,8 @@ import encode_latents
 import sample
 import train
 from conftest import make_image_folder, run_script, tiny_args
-from data import DataError, LatentSet, _center_crop, load_dataset
+from data import center_crop, load_dataset
+from latents import LatentSet, decode, encode, load_vae
 from utils import UserError
 
 SIZE = 16          # image size; the tiny VAE downsamples 4x, so latents are 4 x 4 x 4
@@ -63,15 +64,15 @@ def test_encoding_shapes_metadata_and_values(latents, images, vae_dir):
 
     # Rows 2i and 2i+1 are the posterior of image i and of its mirror image.
     from PIL import Image
-    vae = encode_latents.load_vae(vae_dir)
-    x = torch.from_numpy(np.array(_center_crop(Image.open(files[5]).convert("RGB"), SIZE))).permute(2, 0, 1)
+    vae = load_vae(vae_dir)
+    x = torch.from_numpy(np.array(center_crop(Image.open(files[5]).convert("RGB"), SIZE))).permute(2, 0, 1)
     x = x[None].float() / 127.5 - 1
-    mean, std = encode_latents.encode(vae, torch.cat([x, x.flip(3)]))
+    mean, std = encode(vae, torch.cat([x, x.flip(3)]))
     assert torch.allclose(torch.from_numpy(moments[10:12, 0].astype(np.float32)), mean, atol=2e-3, rtol=2e-3)
     assert torch.allclose(torch.from_numpy(moments[10:12, 1].astype(np.float32)), std, atol=2e-3, rtol=2e-3)
     assert (moments[:, 1] > 0).all()
 
-    imgs = encode_latents.decode(vae, mean * 0.18215, 0.18215)
+    imgs = decode(vae, mean * 0.18215, 0.18215)
     assert imgs.shape == (2, 3, SIZE, SIZE) and imgs.min() >= -1 and imgs.max() <= 1
 
 
@@ -105,7 +106,7 @@ def test_encoding_resumes_after_an_interruption(latents, images, vae_dir, tmp_pa
     with pytest.raises(Crash):
         encode_latents.main(encode_args(images, out, vae_dir))
     assert json.load(open(out / "meta.json"))["done"] == 10
-    with pytest.raises(DataError, match="incomplete"):
+    with pytest.raises(UserError, match="incomplete"):
         load_dataset("latents", str(out))
 
     calls.clear()
@@ -123,7 +124,7 @@ def test_encoding_resumes_after_an_interruption(latents, images, vae_dir, tmp_pa
 
 def test_train_checkpoint_sample_and_decode(latents, vae_dir, tmp_path, monkeypatch):
     def args(out, *extra):
-        a = tiny_args(latents, out, "--model", "DiT-Mi/2", "--batch-size", "6", *extra)
+        a = tiny_args(latents, out, "--model", "DiT-Mi/2", "--batch-size", "6", "--disp-group-size", "3", *extra)
         a[a.index("folder")] = "latents"
         return a
     train.main(args(tmp_path / "run", "--steps", "2", "--sample-every", "2", "--sample-steps", "2"))
@@ -154,9 +155,9 @@ def test_train_checkpoint_sample_and_decode(latents, vae_dir, tmp_path, monkeypa
 
 
 def test_clear_errors(latents, images, vae_dir, tmp_path):
-    with pytest.raises(DataError, match="meta.json.*encode_latents.py"):
+    with pytest.raises(UserError, match="meta.json.*encode_latents.py"):
         LatentSet(str(tmp_path))
-    with pytest.raises(DataError, match="encoded from 16 px"):
+    with pytest.raises(UserError, match="encoded from 16 px"):
         LatentSet(latents, image_size=32)
     # 4 x 4 latents cannot be cut into 8 x 8 patches
     a = tiny_args(latents, tmp_path / "run", "--model", "DiT-Mi/8", "--steps", "1")
@@ -165,7 +166,7 @@ def test_clear_errors(latents, images, vae_dir, tmp_path):
         train.main(a)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(UserError, match="--vae DIR"):
-        encode_latents.load_vae(str(tmp_path / "empty"))
+        load_vae(str(tmp_path / "empty"))
     r = run_script("encode_latents.py", *encode_args(images, tmp_path / "o", str(tmp_path / "missing")))
     assert r.returncode == 2 and "--vae" in r.stderr and "Traceback" not in r.stderr
 

@@ -9,9 +9,9 @@ import torch
 
 import train
 from conftest import read_jsonl, run_script, tiny_args
-from loss import interpolate, meanflow_losses, meanflow_target, meanflow_times, training_losses
+from loss import Dispersive, FlowMatching, interpolate
+from meanflow import MeanFlow, MeanFlowDiT, jumps, meanflow_target, meanflow_times
 from model import build_model
-from sample import generate, meanflow_jumps
 
 
 # ----------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def test_guided_target_mixes_the_velocities_and_follows_them():
 def perturbed_model(seed=0, dtype=torch.float32, **kw):
     """A small MeanFlow DiT whose zero-initialised layers are nudged, so every term is nonzero."""
     torch.manual_seed(seed)
-    m = build_model("DiT-Mi/4", 8, 1, 3, mean_flow=True, **kw)
+    m = build_model("DiT-Mi/4", 8, 1, 3, cls=MeanFlowDiT, **kw)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -133,12 +133,13 @@ def test_r_equal_t_reduces_to_flow_matching():
     eps = torch.randn(x.shape, generator=g)
     t = torch.rand(B, generator=g)
     drop = torch.rand(B, generator=g) < 0.3
-    kw = dict(disp_weight=0.5, disp_blocks=(1,), null_label=3, eps=eps, t=t, drop=drop)
+    reg = Dispersive(weight=0.5, blocks=(1,), group_size=4)
+    noise = {"eps": eps, "t": t, "drop": drop}
     # The target is then v = x - eps exactly: the JVP term is multiplied by r - t = 0.
     xt = interpolate(x, eps, t)
     torch.testing.assert_close(meanflow_target(model, xt, t, y, t, x - eps), x - eps, rtol=0, atol=0)
-    mf = meanflow_losses(model, x, y, r=t, adaptive_p=0.0, **kw)
-    fm = training_losses(model, x, y, **kw)
+    mf = MeanFlow(reg, null_label=3, adaptive_p=0.0)(model, x, y, {**noise, "r": t})
+    fm = FlowMatching(reg, null_label=3)(model, x, y, noise)
     torch.testing.assert_close(mf["flow"], fm["flow"])
     torch.testing.assert_close(mf["disp"], fm["disp"])
     # With p = 0 the MeanFlow loss is the squared error summed over a sample's elements: the
@@ -161,8 +162,8 @@ def test_adaptive_weight_closed_form_and_stopped_gradients():
     y = torch.randint(0, 3, (B,), generator=g)
     eps = torch.randn(x.shape, generator=g)
     t, r = meanflow_times(B, g, ratio=1.0)
-    out = meanflow_losses(model, x, y, disp_weight=0.0, null_label=None, eps=eps, t=t, r=r,
-                          adaptive_p=0.5, adaptive_c=0.3)
+    objective = MeanFlow(Dispersive(weight=0.0), adaptive_p=0.5, adaptive_c=0.3)
+    out = objective(model, x, y, {"eps": eps, "t": t, "r": r, "drop": None})
     xt = interpolate(x, eps, t)
     u_tgt = meanflow_target(model, xt, t, y, r, x - eps)
     assert not u_tgt.requires_grad           # the target is a constant: no second derivatives
@@ -218,16 +219,17 @@ def test_mean_flow_sampler_is_exact_for_the_exact_average_velocity(steps):
         tt = torch.full((4,), t, dtype=torch.float64)
         return model(x, tt, y, r=torch.full_like(tt, r))
     # From noise at t = 0 the flow ends at mu + s * x0 (the standard score is kept).
-    torch.testing.assert_close(meanflow_jumps(fn, x0, steps), mu + s * x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jumps(fn, x0, steps), mu + s * x0, rtol=1e-12, atol=1e-12)
 
 
 def test_flow_model_refuses_r_and_meanflow_solver():
     fm = build_model("DiT-Mi/4", 8, 1, 3)
-    with pytest.raises(ValueError, match="MeanFlow"):
+    with pytest.raises(TypeError, match="'r'"):
         fm(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long), r=torch.ones(1))
+    from sample import sampler
     from utils import UserError
-    with pytest.raises(UserError, match="meanflow solver needs a MeanFlow model"):
-        generate(fm, torch.zeros(2, dtype=torch.long), solver="meanflow")
+    with pytest.raises(UserError, match="flow models are sampled with euler, heun, dopri5"):
+        sampler("flow", "meanflow")
 
 
 def test_cli_train_then_one_and_two_step_sampling(image_folder, tmp_path):
@@ -250,12 +252,12 @@ def test_cli_train_then_one_and_two_step_sampling(image_folder, tmp_path):
     res = run_script("train.py", *tiny_args(image_folder, out, "--steps", "6", "--resume"))
     assert res.returncode == 2 and "objective" in res.stderr
     res = run_script("train.py", *tiny_args(image_folder, tmp_path / "x", "--steps", "2", "--mf-cfg-omega", "2"))
-    assert res.returncode == 2 and "--objective meanflow" in res.stderr
+    assert res.returncode == 2 and "--mf-cfg-omega: flags of --objective meanflow, not of flow" in res.stderr
     res = run_script("train.py", *tiny_args(image_folder, tmp_path / "x", "--steps", "2", "--objective", "meanflow",
                                             "--mf-cfg-omega", "2", "--p-uncond", "0"))
     assert res.returncode == 2 and "--p-uncond > 0" in res.stderr
     res = run_script("train.py", *tiny_args(image_folder, tmp_path / "x", "--steps", "2", "--mf-ratio", "1.5"))
-    assert res.returncode == 2 and res.stderr.startswith("error: --mf-ratio must lie in [0, 1]")
+    assert res.returncode == 2 and "--mf-ratio: must be a finite number >= 0 and <= 1, got 1.5" in res.stderr
 
 
 def test_compiled_target_matches_eager():

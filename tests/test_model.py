@@ -1,9 +1,9 @@
+import math
+
 import pytest
 import torch
 
 from model import MODELS, DiT, build_model
-from train import parse_blocks
-from utils import UserError
 
 
 def perturbed(model, seed=0):
@@ -19,9 +19,9 @@ def perturbed(model, seed=0):
 def test_shapes(size, channels, patch):
     model = DiT(image_size=size, in_channels=channels, patch=patch, hidden=64, depth=2, heads=4, num_classes=10)
     x = torch.randn(3, channels, size, size)
-    out, feats = model(x, torch.rand(3), torch.tensor([0, 5, 10]), return_blocks=(1, 2))
+    out, blocks = model(x, torch.rand(3), torch.tensor([0, 5, 10]), return_blocks=(1, 2))
     assert out.shape == x.shape
-    assert [f.shape for f in feats] == [(3, (size // patch) ** 2, 64)] * 2
+    assert sorted(blocks) == [1, 2] and [b.shape for b in blocks.values()] == [(3, (size // patch) ** 2, 64)] * 2
 
 
 def test_fresh_model_outputs_exact_zero():
@@ -36,8 +36,8 @@ def test_returned_feature_is_that_blocks_output():
     for i, block in enumerate(model.blocks, start=1):
         block.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, out))
     x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 3])
-    out, feats = model(x, t, y, return_blocks=(2, 4))
-    assert torch.equal(feats[0], captured[2]) and torch.equal(feats[1], captured[4])
+    out, blocks = model(x, t, y, return_blocks=(2, 4))
+    assert torch.equal(blocks[2], captured[2]) and torch.equal(blocks[4], captured[4])
     assert not torch.equal(captured[1], captured[2])
     assert torch.equal(out, model(x, t, y))            # asking for features changes nothing else
 
@@ -59,13 +59,17 @@ def test_registry_and_errors():
         build_model("DiT-Mi/4", image_size=30)
 
 
-def test_disp_block_parsing():
-    assert parse_blocks(None, 12) == (3,)                # depth // 4, counted from 1
-    assert parse_blocks(None, 28) == (7,)
-    assert parse_blocks("last", 12) == (12,)
-    assert parse_blocks("all", 4) == (1, 2, 3, 4)
-    assert parse_blocks("6,2", 12) == (2, 6)
-    with pytest.raises(UserError, match="out of range"):
-        parse_blocks("13", 12)
-    with pytest.raises(UserError, match="expected"):
-        parse_blocks("middle", 12)
+def test_time_embedding_scale():
+    """Flow matching's DiT embeds 1000 t (DiT's integer steps); MeanFlow's embeds t as it is
+    (meanflow.py says why): the embedder's sin-cos arguments are t_scale * t * frequency."""
+    from meanflow import MeanFlowDiT
+    assert build_model("DiT-Mi/4", 8, 1, 3).t_embed.t_scale == 1000.0
+    mf = build_model("DiT-Mi/4", 8, 1, 3, cls=MeanFlowDiT)
+    assert mf.t_embed.t_scale == 1.0 and mf.r_embed.t_scale == 1.0
+    emb = mf.t_embed
+    t = torch.tensor([0.25])
+    seen = {}
+    emb.mlp[0].register_forward_hook(lambda m, inp, out: seen.__setitem__("x", inp[0]))
+    emb(t)
+    half = emb.freq_dim // 2
+    assert seen["x"][0, half].item() == pytest.approx(math.sin(0.25), abs=1e-6)   # frequency 1, unscaled

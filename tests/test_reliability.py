@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
+import rundir
 import train
-import utils
 from conftest import ROOT, make_image_folder, read_jsonl, run_script, tiny_args
-from utils import UserError, list_checkpoints, load_checkpoint
+from rundir import list_checkpoints, load_checkpoint
+from utils import UserError
 
 
 def fast_args(data, out, *extra):
@@ -125,7 +126,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, capsys
     train.main(tiny_args(image_folder, out, "--steps", "2"))
     with open(out / "checkpoints" / "step_0000009.pt", "wb") as f:      # e.g. a truncated copy
         f.write(open(list_checkpoints(out)[0], "rb").read()[:1000])
-    path, ck = utils.find_resume_checkpoint(str(out))
+    path, ck = rundir.find_resume_checkpoint(str(out))
     assert ck["step"] == 2 and path.endswith("step_0000002.pt")
     assert "skipping unreadable checkpoint" in capsys.readouterr().err
 
@@ -206,19 +207,22 @@ def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--disp-block", "13"], "out of range"),
-    (["--disp-weight", "-1"], "--disp-weight must be a finite number >= 0"),
-    (["--disp-weight", "nan"], "--disp-weight must be a finite number >= 0"),
-    (["--lr", "inf"], "--lr must be a finite number >= 0"),
-    (["--disp-tau", "0"], "--disp-tau must be a finite number > 0"),
+    (["--disp-weight", "-1"], "--disp-weight: must be a finite number >= 0, got -1"),
+    (["--disp-weight", "nan"], "--disp-weight: must be a finite number >= 0, got nan"),
+    (["--lr", "inf"], "--lr: must be a finite number >= 0, got inf"),
+    (["--disp-tau", "0"], "--disp-tau: must be a finite number > 0, got 0"),
+    (["--disp-tau", "x"], "--disp-tau: must be a finite number > 0, got 'x'"),
+    (["--disp-group-size", "3"], "--disp-group-size 3 does not divide the batch of 8 per process"),
+    (["--adam-beta2", "1"], "--adam-beta2: must be a finite number >= 0 and < 1, got 1"),
     (["--model", "DiT-Huge/2"], "invalid choice: 'DiT-Huge/2'"),
     (["--disp-variant", "nope"], "invalid choice: 'nope'"),
     (["--resume", "/nonexistent/run"], "no such file or run directory"),
-    (["--p-uncond", "1.5"], "--p-uncond must lie in [0, 1]"),
-    (["--image-size", "-4"], "--image-size -4"),
-    (["--ckpt-every", "0"], "--ckpt-every must be at least 1"),
+    (["--p-uncond", "1.5"], "--p-uncond: must be a finite number >= 0 and <= 1, got 1.5"),
+    (["--image-size", "-4"], "--image-size: must be an integer >= 1, got -4"),
+    (["--ckpt-every", "0"], "--ckpt-every: must be an integer >= 1, got 0"),
 ])
 def test_bad_flags(image_folder, tmp_path, flags, message):
-    assert message in bad(tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--model", "DiT-S/2", *flags))
+    assert message in bad(tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--model", "DiT-Mi/4", *flags))
 
 
 def test_unwritable_output_and_existing_run(image_folder, tmp_path):
@@ -232,8 +236,9 @@ def test_unwritable_output_and_existing_run(image_folder, tmp_path):
 
 
 def test_batch_size_one_warns(image_folder, tmp_path):
-    r = run_script("train.py", *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--batch-size", "1"))
-    assert r.returncode == 0 and "dispersive loss is constant" in r.stderr
+    r = run_script("train.py", *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--batch-size", "1",
+                                          "--disp-group-size", "0"))
+    assert r.returncode == 0 and "dispersive loss of 1 sample is constant" in r.stderr
 
 
 def test_sample_missing_checkpoint(tmp_path):

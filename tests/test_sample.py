@@ -1,9 +1,11 @@
+"""The samplers against closed forms: fixed-step solvers and their orders, dopri5 (SiT's), the
+time grid, classifier-free guidance, grids."""
 import math
 
 import pytest
 import torch
 
-from sample import euler, generate, heun, save_grid, velocity_fn
+from sample import dopri5, euler, generate, guided, heun, sampler, save_grid
 
 
 def test_constant_field_exact():
@@ -32,6 +34,29 @@ def test_linear_field_reaches_analytic_answer_with_right_order():
     assert err(heun, 100) / err(heun, 200) == pytest.approx(4.0, rel=0.05)      # second order
 
 
+def test_dopri5_meets_its_tolerance_on_known_fields():
+    pytest.importorskip("torchdiffeq")
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    nfe = {"n": 0}
+
+    def f(x, t):
+        nfe["n"] += 1
+        return -1.5 * x + math.sin(6 * t)                          # x(1) in closed form below
+    # x' = -a x + sin(w t): x(1) = x0 e^-a + (a sin w - w cos w + w e^-a) / (a^2 + w^2)
+    a, w = 1.5, 6.0
+    exact = x0 * math.exp(-a) + (a * math.sin(w) - w * math.cos(w) + w * math.exp(-a)) / (a * a + w * w)
+    loose = dopri5(f, x0, atol=1e-6, rtol=1e-3)
+    n_loose = nfe["n"]
+    nfe["n"] = 0
+    tight = dopri5(f, x0, atol=1e-10, rtol=1e-10)
+    assert (loose - exact).abs().max() < 1e-3                   # SiT's tolerances
+    assert (tight - exact).abs().max() < 1e-8 and nfe["n"] > n_loose   # tighter costs more evaluations
+    # the model is asked about float times from 0 to 1, never beyond (the last step ends at 1)
+    seen = []
+    dopri5(lambda x, t: seen.append(t) or torch.ones_like(x), torch.zeros(2))
+    assert seen[0] == 0.0 and 1 - 1e-6 < max(seen) <= 1.0 and all(isinstance(t, float) for t in seen)
+
+
 def test_time_grid_ends_exactly_at_one():
     seen = []
     euler(lambda x, t: seen.append(t) or torch.zeros_like(x), torch.zeros(1), 1000)
@@ -39,25 +64,48 @@ def test_time_grid_ends_exactly_at_one():
     assert seen[-1] + 1 / 1000 == pytest.approx(1.0, abs=1e-15)
 
 
-class Linear(torch.nn.Module):
-    """v = x * (1 + label): the conditional and null predictions differ in a known way."""
-    num_classes, in_channels, image_size = 5, 1, 4
+class Stub(torch.nn.Module):
+    """4 channels, like SD-VAE latents, whose output depends on the channel, on t and on the
+    label: v[c] = (c + 1) * (1 + y) * x[c] + t. DiT's code guided only 3 of the 4 channels;
+    a sampler that passed the wrong t or guided some channels only would differ from the formula."""
+    num_classes, in_channels, image_size = 5, 4, 2
 
-    def forward(self, x, t, y):
-        return x * (1 + y.float().view(-1, 1, 1, 1))
+    def forward(self, x, t, y, r=None):
+        c = torch.arange(1, 5, dtype=x.dtype).view(1, 4, 1, 1)
+        out = c * (1 + y.to(x.dtype).view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1)
+        return out if r is None else out + 10 * r.view(-1, 1, 1, 1)     # MeanFlow's r shifts it
 
 
-def test_guidance():
-    model, x, y = Linear(), torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 2])
-    cond = model(x, torch.zeros(3), y)
-    assert torch.equal(velocity_fn(model, y, 1.0)(x, 0.5), cond)              # scale 1: conditional
-    null = model(x, torch.zeros(3), torch.full_like(y, 5))
-    assert torch.allclose(velocity_fn(model, y, 3.0)(x, 0.5), null + 3.0 * (cond - null), atol=1e-6)
+def test_guidance_on_every_channel_with_the_right_t_and_r():
+    model, x, y = Stub(), torch.randn(3, 4, 2, 2), torch.tensor([0, 1, 2])
+    c = torch.arange(1, 5, dtype=x.dtype).view(1, 4, 1, 1)
+    for t in (0.0, 0.3, 0.9):
+        cond = c * (1 + y.view(-1, 1, 1, 1)) * x + t
+        null = c * 6 * x + t                                        # label 5, the null class
+        assert torch.equal(guided(model, y, 1.0)(x, t), cond)                  # scale 1: conditional only
+        expected = null + 3.0 * (cond - null)
+        torch.testing.assert_close(guided(model, y, 3.0)(x, t), expected, rtol=1e-6, atol=1e-6)
+        # with MeanFlow's r both halves get it, and the guidance formula is unchanged
+        torch.testing.assert_close(guided(model, y, 3.0)(x, t, r=0.95), expected + 10 * 0.95, rtol=1e-6, atol=1e-5)
+    counter = {}
+    guided(model, y, 2.0, counter)(x, 0.5)
+    assert counter["nfe"] == 1                                     # one batched evaluation, both halves
+
+
+def test_sampler_defaults_and_refusals():
+    from utils import UserError
+    assert sampler("flow")[1:] == ("euler", 50) and sampler("flow", "heun", 7)[1:] == ("heun", 7)
+    assert sampler("meanflow")[1:] == ("meanflow", 1)
+    with pytest.raises(UserError, match="flow models are sampled with euler, heun, dopri5"):
+        sampler("flow", "meanflow")
 
 
 def test_generate_and_grid(tmp_path):
     from PIL import Image
-    imgs = generate(Linear(), torch.tensor([0, 1, 2, 3, 4]), steps=3, generator=torch.Generator().manual_seed(0))
-    assert imgs.shape == (5, 1, 4, 4) and imgs.dtype == torch.uint8
-    save_grid(imgs, tmp_path / "g.png", nrow=2)
-    assert Image.open(tmp_path / "g.png").size == (2 * 6 + 2, 3 * 6 + 2)
+    imgs = generate(Stub(), torch.tensor([0, 1, 2, 3, 4]), euler, 3, generator=torch.Generator().manual_seed(0))
+    assert imgs.shape == (5, 4, 2, 2) and imgs.dtype == torch.uint8
+    one_channel = imgs[:, :1]
+    save_grid(one_channel, tmp_path / "g.png", nrow=2)
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.size == (2 * 4 + 2, 3 * 4 + 2)                     # 2-pixel borders around 2 x 2 images
+    assert grid.getpixel((2, 2))[0] == one_channel[0, 0, 0, 0].item()   # image 0's top-left pixel

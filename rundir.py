@@ -1,0 +1,262 @@
+"""The run directory and what keeps it safe: checkpoint files, resume, the metrics log, signals.
+
+    RUN/metrics.jsonl       the configuration first, then one JSON line per log step
+    RUN/samples/            grids of EMA samples
+    RUN/checkpoints/step_XXXXXXX.pt
+
+Checkpoints are plain dicts of tensors, numbers and strings, so they load with
+torch.load(weights_only=True) (the default since PyTorch 2.6), which runs no code from the
+file. They are written atomically: to a temporary file in the same directory, flushed to disk,
+then renamed over the final name, so a crash leaves the old file or the new one, never half of one.
+"""
+import contextlib
+import glob
+import json
+import os
+import pickle
+import re
+import signal
+import sys
+import time
+
+import torch
+
+from utils import UserError, all_reduce
+
+CKPT_RE = re.compile(r"step_(\d+)\.pt$")
+# Flags that change where and how often a run writes, not what it trains: changing them on
+# --resume is expected, so it draws no warning.
+PLUMBING = {"out", "resume", "compile", "device", "log_every", "sample_every", "sample_steps", "sample_cfg",
+            "ckpt_every", "keep_ckpts", "steps", "data_path", "fid_every", "fid_samples", "fid_ref_stats",
+            "fid_extractor", "inception_weights"}
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint files
+# ----------------------------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    """torch.save to path.tmp, fsync, rename. On failure (disk full, permissions) the
+    temporary file is removed, the previous checkpoints are untouched, and a UserError says so."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dfd)                # make the rename itself durable
+        finally:
+            os.close(dfd)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"could not write checkpoint {path!r} ({e}); earlier checkpoints are intact") from None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint safely (weights_only=True) with one-line errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # unsafe, truncated or foreign files
+        unsafe = [l.strip() for l in str(e).splitlines() if "Unsupported global" in l]
+        if isinstance(e, pickle.UnpicklingError) and unsafe:
+            raise UserError(f"refusing to load {path!r}: it holds pickled Python objects, which could run code "
+                            f"when loaded ({unsafe[0].split(' was not')[0]})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot read checkpoint {path!r} (damaged or not a checkpoint): {type(e).__name__} {first}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path!r} is not a checkpoint written by train.py (no 'model' / 'model_config' entries)")
+    return ckpt
+
+
+def list_checkpoints(run_dir):
+    """Complete checkpoints in run_dir/checkpoints, newest first (temporary files are ignored)."""
+    found = []
+    for p in glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")):
+        m = CKPT_RE.search(p)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_step(path):
+    return int(CKPT_RE.search(path).group(1))
+
+
+def find_resume_checkpoint(path):
+    """--resume PATH: a checkpoint file, or a run directory whose newest readable checkpoint is used."""
+    if os.path.isfile(path):
+        return path, load_checkpoint(path)
+    if not os.path.isdir(path):
+        raise UserError(f"--resume {path!r}: no such file or run directory")
+    for p in list_checkpoints(path):
+        try:
+            return p, load_checkpoint(p)
+        except UserError as e:
+            print(f"warning: skipping unreadable checkpoint ({e})", file=sys.stderr)
+    raise UserError(f"--resume {path!r}: no checkpoint found in {os.path.join(path, 'checkpoints')}")
+
+
+def save_checkpoint(run_dir, step, state, keep):
+    """Write step's checkpoint, then delete all but the `keep` newest (0: keep all)."""
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
+    save_atomic(state, path)
+    for old in list_checkpoints(run_dir)[keep:] if keep else []:
+        os.remove(old)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Starting and resuming a run
+# ----------------------------------------------------------------------------------------
+
+def out_from_resume(resume):
+    """--resume RUN_DIR (or RUN_DIR/checkpoints/x.pt) without --out continues that run directory."""
+    path = os.path.normpath(resume)
+    if not os.path.isfile(path):
+        return path
+    if os.path.basename(os.path.dirname(path)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(path))
+    raise UserError(f"--resume {resume!r} is a checkpoint outside a run directory; say where the run continues with --out")
+
+
+def prepare(out, resume, main_proc):
+    """Check and create the run directory. Returns (checkpoint path, checkpoint) to resume from,
+    or (None, None) for a fresh run, which must not land on an existing run's checkpoints."""
+    resume_path, ckpt = None, None
+    if resume is not None:
+        resume_path, ckpt = find_resume_checkpoint(resume or out)
+        newer = [p for p in list_checkpoints(out) if checkpoint_step(p) > ckpt["step"]]
+        if newer and os.path.isfile(resume):
+            # Continuing from an older file would interleave two histories in one directory
+            # (and the newest-first pruning could delete what this run writes).
+            raise UserError(f"{out!r} has checkpoints newer than {resume_path!r} ({newer[0]}); move them "
+                            f"away to restart from the older one, or choose another --out")
+    elif list_checkpoints(out):
+        raise UserError(f"run directory {out!r} already has checkpoints; add --resume to continue it, "
+                        f"or choose another --out")
+    if main_proc:
+        try:
+            for sub in ("checkpoints", "samples"):
+                os.makedirs(os.path.join(out, sub), exist_ok=True)
+            probe = os.path.join(out, ".write_test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to --out {out!r}: {e.strerror}") from None
+        for tmp in glob.glob(os.path.join(out, "checkpoints", "*.tmp*")):
+            os.remove(tmp)                          # half-written by a process that was killed
+        log_path = os.path.join(out, "metrics.jsonl")
+        if ckpt is None and os.path.exists(log_path):   # a fresh start never appends to an old log
+            os.replace(log_path, os.path.join(out, f"metrics.{int(time.time())}.jsonl"))
+    return resume_path, ckpt
+
+
+def restore(ckpt, path, model, ema, opt, model_config, args, main_proc):
+    """Load a checkpoint into model, EMA and optimiser (created before, unlike the released code)
+    and the CPU random state. Refuses a checkpoint of another model; warns about changed flags.
+    Returns the step to continue from."""
+    saved = {"objective": "flow", **ckpt["model_config"]}     # checkpoints from before MeanFlow
+    for k, v in model_config.items():
+        if saved.get(k) != v:
+            raise UserError(f"checkpoint {path!r} does not match this run: its {k} is {saved.get(k)!r}, "
+                            f"this run's is {v!r}")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    step = ckpt["step"]
+    if main_proc:
+        print(f"resumed from {path} at step {step}")
+        changed = [k for k, v in ckpt["args"].items() if k not in PLUMBING and vars(args).get(k, v) != v]
+        if changed:
+            print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
+                  f"the run will not match an uninterrupted one", file=sys.stderr)
+        if step >= args.steps:
+            print(f"nothing to do: the checkpoint is at step {step} and --steps is {args.steps}")
+    return step
+
+
+# ----------------------------------------------------------------------------------------
+# The metrics log, signals, and the non-finite guard
+# ----------------------------------------------------------------------------------------
+
+class Logger:
+    """metrics.jsonl in the run directory, written by rank 0 only. On resume it first drops what
+    the interrupted run logged after its last checkpoint, so the log reads as one uninterrupted run."""
+
+    def __init__(self, path, enabled, keep_until_step=None):
+        self.enabled, self.path = enabled, path
+        if enabled and keep_until_step is not None and os.path.exists(path):
+            with open(path) as f:
+                lines = [l for l in f if self._keep(l, keep_until_step)]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(path + ".tmp", path)
+
+    @staticmethod
+    def _keep(line, until):
+        try:
+            return json.loads(line).get("step", 0) <= until
+        except ValueError:        # a line torn by a kill in mid-write
+            return False
+
+    def __call__(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler pre-empting the job) only raise a flag; the
+    loop finishes its step, saves a checkpoint and exits cleanly. Handlers are restored after."""
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:      # a second Ctrl-C: give up at once, without saving
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        print(f"\n{stop['signal']}: finishing this step and saving a checkpoint (again to quit without saving)",
+              file=sys.stderr)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def agree_to_stop(stop, device):
+    """Under DDP every rank must stop at the same step: true if any rank has seen a signal."""
+    flag = all_reduce(torch.tensor([stop["signal"] is not None], device=device, dtype=torch.int), "max")
+    if flag.item() and stop["signal"] is None:
+        stop["signal"] = "a signal on another rank"
+    return stop["signal"] is not None
+
+
+class NonFiniteGuard:
+    """Remembers the first step at which a loss term was not finite, without a host-device sync
+    per step; check() (at log steps and before every checkpoint, all ranks agreeing) stops the
+    run before a checkpoint with broken weights can replace a good one."""
+    NEVER = 2 ** 62
+
+    def __init__(self, names, device):
+        self.names = names
+        self.first_bad = torch.full((len(names),), self.NEVER, device=device)
+
+    def update(self, values, step):
+        bad = ~torch.isfinite(torch.stack([v.detach().float() for v in values]))
+        self.first_bad = torch.where(bad, torch.clamp(self.first_bad, max=step), self.first_bad)
+
+    def check(self):
+        steps = all_reduce(self.first_bad, "min").tolist()
+        if min(steps) < self.NEVER:
+            bad = [f"{name} (step {s})" for name, s in zip(self.names, steps) if s < self.NEVER]
+            raise UserError(f"the loss became non-finite: {', '.join(bad)}; stopping without saving "
+                            f"(the checkpoints on disk are from before)")

@@ -1,0 +1,274 @@
+"""The executable specification of the method: the dispersive loss against a float64 double
+loop and hand-computed cases, its groups, flow matching's interpolant and target, and how the
+two terms combine in the objective (loss.py). Read it first."""
+import math
+
+import pytest
+import torch
+
+from loss import Dispersive, FlowMatching, block_stats, dispersive_loss, interpolate, parse_blocks
+from model import DiT
+
+
+def infonce_l2_reference(z, tau):
+    """The formula of METHOD.md as a direct double loop, in float64."""
+    z = z.reshape(z.shape[0], -1).double()
+    B, d = z.shape
+    total = 0.0
+    for i in range(B):
+        for j in range(B):
+            total += math.exp(-((z[i] - z[j]) ** 2).sum().item() / d / tau)
+    return math.log(total / B ** 2)
+
+
+@pytest.mark.parametrize("B", [2, 5, 16])
+@pytest.mark.parametrize("shape", [(3,), (4, 16)])
+@pytest.mark.parametrize("tau", [0.1, 0.5, 2.0])
+def test_infonce_l2_matches_double_loop(B, shape, tau):
+    g = torch.Generator().manual_seed(B * 100 + len(shape))
+    z = torch.randn(B, *shape, generator=g) * 0.7
+    got = dispersive_loss(z, "infonce_l2", tau).item()
+    assert got == pytest.approx(infonce_l2_reference(z, tau), abs=1e-5)
+
+
+def test_infonce_l2_bounds():
+    torch.manual_seed(0)
+    z = torch.randn(1, 8, 4)
+    assert dispersive_loss(z).item() == 0.0                       # B = 1
+    same = torch.randn(1, 32).repeat(6, 1)
+    assert dispersive_loss(same).item() == pytest.approx(0.0, abs=1e-6)
+    for seed in range(20):   # well separated; large norms, where a careless a.a + b.b - 2a.b drifts
+        far = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed)) * 100
+        assert dispersive_loss(far).item() == pytest.approx(-math.log(8), abs=1e-6)
+
+
+def test_batch_size_one_still_backprops():
+    z = torch.randn(1, 10, requires_grad=True)
+    dispersive_loss(z).backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+VARIANTS = ["infonce_l2", "infonce_cos", "hinge", "covariance"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_order_invariant(variant):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(7, 3, 5, generator=g) * 0.5       # D of a pair about 0.5: inside the hinge's margin of 1
+    perm = torch.randperm(7, generator=g)
+    value = dispersive_loss(z, variant).item()
+    assert abs(value) > 1e-3                           # a case with something to compare
+    assert dispersive_loss(z[perm], variant).item() == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_autocast_computes_in_float32(variant):
+    lin = torch.nn.Linear(16, 32)
+    x = torch.randn(8, 4, 16, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = lin(x)
+        assert z.dtype == torch.bfloat16
+        loss = dispersive_loss(z, variant)
+    assert loss.dtype == torch.float32
+    # Exactly the float32 loss of the same (bf16-rounded) features: nothing inside ran in bf16 ...
+    assert loss.item() == dispersive_loss(z.float(), variant).item()
+    # ... and within bf16's rounding of the features of the full float32 computation.
+    assert loss.item() == pytest.approx(dispersive_loss(lin(x), variant).item(), rel=2e-2, abs=2e-3)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in lin.parameters())
+
+
+def test_gradient_step_disperses():
+    z = (torch.randn(16, 32, generator=torch.Generator().manual_seed(3)) * 0.3).requires_grad_()
+    before = block_stats(z)[0].item()
+    dispersive_loss(z, tau=0.5).backward()
+    with torch.no_grad():
+        z -= 0.5 * z.grad
+    assert block_stats(z)[0].item() > before
+
+
+# ----------------------------------------------------------------------------------------
+# Groups: the paper's runs dispersed 16 samples per device, not the whole batch
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_groups_are_the_mean_of_separate_groups(variant):
+    z = torch.randn(12, 2, 3, generator=torch.Generator().manual_seed(4)) * 0.6
+    per_group = [dispersive_loss(z[i:i + 4], variant).item() for i in range(0, 12, 4)]
+    assert dispersive_loss(z, variant, group_size=4).item() == pytest.approx(sum(per_group) / 3, rel=1e-5, abs=1e-6)
+    assert dispersive_loss(z, variant, group_size=12).item() == dispersive_loss(z, variant).item()   # one group = 0
+    assert dispersive_loss(z, variant, group_size=4).item() != pytest.approx(dispersive_loss(z, variant).item())
+
+
+def test_group_floor_is_minus_log_group_size():
+    far = torch.randn(32, 64, generator=torch.Generator().manual_seed(5)) * 100
+    assert dispersive_loss(far, group_size=16).item() == pytest.approx(-math.log(16), abs=1e-6)
+    assert dispersive_loss(far).item() == pytest.approx(-math.log(32), abs=1e-6)
+    with pytest.raises(ValueError, match="does not divide the batch of 32"):
+        dispersive_loss(far, group_size=5)
+
+
+def test_infonce_l2_groups_match_the_double_loop():
+    z = torch.randn(6, 5, generator=torch.Generator().manual_seed(6))
+    expected = (infonce_l2_reference(z[:3], 0.5) + infonce_l2_reference(z[3:], 0.5)) / 2
+    assert dispersive_loss(z, tau=0.5, group_size=3).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_infonce_cos_hand_case():
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]])                    # cos matrix [[1, 0], [0, 1]]
+    expected = math.log((2 * math.e + 2) / 4)
+    assert dispersive_loss(z, "infonce_cos", tau=1.0).item() == pytest.approx(expected, abs=1e-6)
+    expected_t = math.log((2 * math.exp(2) + 2) / 4)
+    assert dispersive_loss(z, "infonce_cos", tau=0.5).item() == pytest.approx(expected_t, abs=1e-5)
+
+
+def test_hinge_hand_case():
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0]])                    # D = 1 / 2 for both ordered pairs
+    assert dispersive_loss(z, "hinge").item() == pytest.approx(0.25)          # (1 - 0.5)^2
+    assert dispersive_loss(z, "hinge", margin=0.4).item() == 0.0
+    z3 = torch.tensor([[0.0], [1.0], [3.0]])                       # D = 1, 9, 4 -> with margin 2: 1, 0, 0
+    assert dispersive_loss(z3, "hinge", margin=2.0).item() == pytest.approx(2 * 1.0 / 6)
+
+
+def test_covariance_hand_cases():
+    # Uncorrelated columns: no off-diagonal covariance.
+    z = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    assert dispersive_loss(z, "covariance").item() == pytest.approx(0.0, abs=1e-6)
+    # Identical columns: correlation 1 in both off-diagonal entries -> 2 / d = 1.
+    z = torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]])
+    assert dispersive_loss(z, "covariance").item() == pytest.approx(1.0, abs=1e-5)
+    # Random case against the explicit d x d correlation matrix.
+    z = torch.randn(6, 5, dtype=torch.float64)
+    corr = torch.corrcoef(z.T)
+    expected = ((corr ** 2).sum() - (corr.diag() ** 2).sum()) / 5
+    assert dispersive_loss(z.float(), "covariance").item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown dispersive variant"):
+        dispersive_loss(torch.randn(2, 3), "nope")
+
+
+def test_flow_matching_endpoints_and_target():
+    x, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    assert torch.equal(interpolate(x, eps, torch.zeros(4)), eps)          # t = 0: noise
+    assert torch.equal(interpolate(x, eps, torch.ones(4)), x)             # t = 1: data
+    t, h = torch.full((4,), 0.3, dtype=torch.float64), 1e-6
+    xd, ed = x.double(), eps.double()
+    fd = (interpolate(xd, ed, t + h) - interpolate(xd, ed, t)) / h
+    assert torch.allclose(fd, xd - ed, atol=1e-6)                         # d x_t / dt = x - eps, the target
+
+
+# ----------------------------------------------------------------------------------------
+# The objective: flow matching + lambda * dispersive, on the blocks' outputs
+# ----------------------------------------------------------------------------------------
+
+class Oracle(torch.nn.Module):
+    """Returns a fixed velocity; its "block 1" is its input x_t. Records the labels it saw."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v, self.seen = v, None
+
+    def forward(self, xt, t, y, return_blocks=None):
+        self.seen = y.clone()
+        return self.v.clone(), {b: xt for b in return_blocks}
+
+
+def flow_noise(eps, t, drop=None):
+    return {"eps": eps, "t": t, "drop": drop}
+
+
+def test_oracle_gets_zero_loss_and_labels_drop_once():
+    x, eps, t = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.rand(4)
+    model = Oracle(x - eps)
+    drop = torch.tensor([True, False, True, False])
+    objective = FlowMatching(Dispersive(weight=0.0, blocks=(1,)), null_label=10)
+    losses = objective(model, x, torch.tensor([0, 1, 2, 3]), flow_noise(eps, t, drop))
+    assert losses["flow"].item() == 0.0 and losses["total"].item() == 0.0 and losses["disp"].item() == 0.0
+    assert model.seen.tolist() == [10, 1, 10, 3]
+
+
+def test_total_combines_terms():
+    x, eps, t = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.rand(4)
+    model = Oracle(x - eps - 0.1)
+    objective = FlowMatching(Dispersive(weight=0.25, blocks=(1,), group_size=2))
+    losses = objective(model, x, torch.zeros(4, dtype=torch.long), flow_noise(eps, t))
+    assert losses["flow"].item() == pytest.approx(0.01, rel=1e-4)
+    xt = interpolate(x, eps, t)
+    assert losses["disp"].item() == pytest.approx(dispersive_loss(xt, tau=0.5, group_size=2).item(), abs=1e-6)
+    assert losses["total"].item() == pytest.approx(losses["flow"].item() + 0.25 * losses["disp"].item(), abs=1e-6)
+
+
+def test_draw_is_the_papers_noise():
+    objective = FlowMatching(Dispersive(), null_label=10, p_uncond=0.1)
+    noise = objective.draw(torch.Generator().manual_seed(0), (20000, 1, 2, 2))
+    assert noise["eps"].shape == (20000, 1, 2, 2) and abs(noise["eps"].std().item() - 1) < 0.01
+    assert 0 <= noise["t"].min() and noise["t"].max() < 1 and abs(noise["t"].mean().item() - 0.5) < 0.01
+    assert abs(noise["drop"].float().mean().item() - 0.1) < 0.01
+
+
+def perturbed_dit(depth=4, seed=0):
+    """A small DiT whose zero-initialised layers are random, so every block does something."""
+    model = DiT(image_size=8, in_channels=1, patch=4, hidden=16, depth=depth, heads=2, num_classes=3)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_dispersive_gradient_reaches_blocks_up_to_k_only(k):
+    """The dispersive term of block k trains blocks 1..k and the embeddings below them, and
+    nothing above: a .detach() on the features, or the wrong block, fails here."""
+    model = perturbed_dit()
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 1, 8, 8, generator=g)
+    objective = FlowMatching(Dispersive(weight=0.5, blocks=(k,), group_size=4))
+    losses = objective(model, x, torch.randint(0, 3, (8,), generator=g), flow_noise(eps, torch.rand(8, generator=g)))
+    params = list(model.parameters())
+    grads = torch.autograd.grad(losses["disp"], params, retain_graph=True, allow_unused=True)
+    norm = {name: 0.0 if gr is None else gr.norm().item() for (name, _), gr in zip(model.named_parameters(), grads)}
+    for i in range(1, 5):
+        block = sum(v for n, v in norm.items() if n.startswith(f"blocks.{i - 1}."))
+        assert (block > 0) == (i <= k), (i, k, block)
+    assert norm["patch_embed.weight"] > 0 and norm["t_embed.mlp.0.weight"] > 0 and norm["y_embed.table.weight"] > 0
+    assert norm["final.linear.weight"] == 0
+    # ... and the total's gradient is the flow term's plus lambda times it
+    flow = torch.autograd.grad(losses["flow"], params, retain_graph=True)
+    total = torch.autograd.grad(losses["total"], params)
+    for t, f, d in zip(total, flow, grads):
+        torch.testing.assert_close(t, f + 0.5 * (torch.zeros_like(f) if d is None else d), rtol=1e-5, atol=1e-7)
+
+
+def test_baseline_computes_no_dispersive_term():
+    model = perturbed_dit()
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    objective = FlowMatching(Dispersive(weight=0.0, blocks=(1,)))
+    noise = flow_noise(torch.randn(4, 1, 8, 8), torch.rand(4))
+    losses = objective(model, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), noise)
+    assert losses["disp"].item() == 0.0 and losses["blocks"] == {} and losses["total"] is not None
+    with_watch = objective(model, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), noise, watch=(2, 4))
+    assert sorted(with_watch["blocks"]) == [2, 4] and with_watch["disp"].item() == 0.0
+
+
+def test_disp_block_parsing():
+    assert parse_blocks(None, 12) == (3,)                # depth // 4, counted from 1: the paper's
+    assert parse_blocks(None, 28) == (7,)
+    assert parse_blocks("last", 12) == (12,)
+    assert parse_blocks("all", 4) == (1, 2, 3, 4)
+    assert parse_blocks("6,2", 12) == (2, 6)
+    from utils import UserError
+    with pytest.raises(UserError, match="out of range"):
+        parse_blocks("13", 12)
+    with pytest.raises(UserError, match="expected"):
+        parse_blocks("middle", 12)
+
+
+def test_block_stats_by_hand():
+    z = torch.tensor([[[0.0, 0.0]], [[3.0, 4.0]]])           # two samples, d = 2
+    dist, rms = block_stats(z)
+    assert dist.item() == pytest.approx(25 / 2)              # ||z_1 - z_2||^2 / d
+    assert rms.item() == pytest.approx((0 + 5 / math.sqrt(2)) / 2)
