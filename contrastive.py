@@ -93,9 +93,8 @@ class PairedContrastive(FlowMatching):
     @classmethod
     def add_args(cls, parser):
         g = parser.add_argument_group("the contrastive comparison (--objective contrastive; contrastive.py)")
-        g.add_argument("--pair-t", default="same", choices=("same", "independent"),
-                       help="whether an image's two views share the time t (and differ in noise only)")
-        return g
+        return [g.add_argument("--pair-t", default="same", choices=("same", "independent"),
+                               help="whether an image's two views share the time t (and differ in noise only)")]
 
     @classmethod
     def from_args(cls, args, model, null_label):
@@ -112,11 +111,9 @@ class PairedContrastive(FlowMatching):
                 "t": torch.rand((n,) if self.same_t else (n, 2), device=device, generator=gen),
                 "drop": torch.rand(n, device=device, generator=gen) < self.p_uncond}
 
-    def __call__(self, net, x, y, noise, watch=()):
-        x, y = pair_up(x), pair_up(drop_labels(y, noise["drop"], self.null_label))
-        eps = noise["eps"].flatten(0, 1)
-        t = pair_up(noise["t"]) if noise["t"].dim() == 1 else noise["t"].flatten()
-        v_pred, blocks = net(interpolate(x, eps, t), t, y, return_blocks=self.reg.wanted(watch))
-        flow = F.mse_loss(v_pred.float(), (x - eps).float())
-        disp = self.reg(blocks) if self.reg.weight > 0 else torch.zeros_like(flow)
-        return {"flow": flow, "disp": disp, "total": flow + self.reg.weight * disp, "blocks": blocks}
+    def inputs(self, x, y, draws):
+        """Flow matching's inputs and target for the 2n views of the n images."""
+        x, y = pair_up(x), pair_up(drop_labels(y, draws["drop"], self.null_label))
+        eps = draws["eps"].flatten(0, 1)
+        t = pair_up(draws["t"]) if draws["t"].dim() == 1 else draws["t"].flatten()
+        return interpolate(x, eps, t), t, y, x - eps

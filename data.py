@@ -184,15 +184,16 @@ class BatchStream:
 
 
 class Batches:
-    """Step s's batch for this process: its images, labels and the objective's noise.
+    """batches(s) -> (x, y, draws): step s's images and labels for this process, and the
+    objective's random draws for them (a dict: noise, times, label drops; objective.draw).
 
-    All randomness of a step (samples, flips, noise, times, label drops) comes from (seed, s)
-    and is drawn for the whole global batch, each rank taking its slice: 1 or 8 GPUs train on
-    the same numbers, and resume is exact. The odd multiplier keeps the seeds of (seed, s) and
-    (seed + 1, s') apart."""
+    All randomness of a step (samples, flips and the draws) comes from (seed, s) and is drawn
+    for the whole global batch of `global_batch` images, each rank taking its slice: 1 or 8
+    GPUs train on the same numbers, and resume is exact. The odd multiplier keeps the seeds of
+    (seed, s) and (seed + 1, s') apart."""
 
-    def __init__(self, data, global_batch, seed, draw_noise, device, rank=0, world=1, labels=True):
-        self.data, self.seed, self.draw_noise, self.labels = data, seed, draw_noise, labels
+    def __init__(self, data, global_batch, seed, draw, device, rank=0, world=1, labels=True):
+        self.data, self.seed, self.draw, self.labels = data, seed, draw, labels
         self.stream = BatchStream(len(data), global_batch, seed, rank, world, data.index_device)
         self.shape = (global_batch, *data.shape)
         local = global_batch // world
@@ -202,12 +203,12 @@ class Batches:
     def __call__(self, step):
         gen = self.gen.manual_seed(self.seed * 1_000_003 + step)
         flip = (torch.rand(self.shape[0], device=gen.device, generator=gen) < 0.5)[self.mine]
-        noise = {k: v[self.mine] for k, v in self.draw_noise(gen, self.shape).items()}
+        draws = {k: v[self.mine] for k, v in self.draw(gen, self.shape).items()}
         # Latent sets draw their posterior noise from gen too, after the draws above.
         x, y = self.data.batch(self.stream.indices(step), generator=gen)
         if self.data.flip:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x, (y if self.labels else torch.zeros_like(y)), noise
+        return x, (y if self.labels else torch.zeros_like(y)), draws
 
 
 def to_model_range(x_uint8):

@@ -12,12 +12,13 @@ below needs no variance.
 
 The mapping onto this project's time convention (t = 0 noise, t = 1 data), in one place: step k
 is the model's time input t = 1 - k / 1000, so the DiT time embedding, which embeds 1000 t, sees
-1000 - k, the same integers as DiT's embedding of k, read backwards.
+the integers 1000 - k (1 .. 1000): DiT's 0 .. 999, read backwards and shifted by one.
 """
-import torch
-import torch.nn.functional as F
+import functools
 
-from loss import Dispersive, FlowMatching, drop_labels
+import torch
+
+from loss import FlowMatching, drop_labels
 
 STEPS = 1000
 
@@ -26,6 +27,12 @@ def alphas_cumprod(steps=STEPS, beta_start=1e-4, beta_end=0.02):
     """abar_k for k = 0 .. steps - 1 (float64): DiT's linear beta schedule."""
     betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
     return torch.cumprod(1 - betas, dim=0)
+
+
+@functools.lru_cache
+def alphas_cumprod_on(device):
+    """The schedule, copied to a device once (a copy per step would make the host wait for the GPU)."""
+    return alphas_cumprod().to(device)
 
 
 def model_time(k):
@@ -54,28 +61,22 @@ class Diffusion(FlowMatching):
     the loss dict is the noise-prediction error (the objective's own loss)."""
     solvers = ("ddim",)
     solver_fns = {"ddim": ddim}
-    sample_steps = 50
-
-    def __init__(self, reg, null_label=None, p_uncond=0.1):
-        super().__init__(reg, null_label, p_uncond)
-        self.abar = alphas_cumprod().float()
-
-    @classmethod
-    def from_args(cls, args, model, null_label):
-        return cls(Dispersive.from_args(args, model.depth), null_label, args.p_uncond)
 
     def draw(self, gen, shape):
+        """A DDPM step k per image, uniform over 0 .. 999, given as the model's time t."""
         B, device = shape[0], gen.device
-        return {"eps": torch.randn(shape, device=device, generator=gen),
-                "k": torch.randint(0, STEPS, (B,), device=device, generator=gen),
+        k = torch.randint(0, STEPS, (B,), device=device, generator=gen)
+        return {"eps": torch.randn(shape, device=device, generator=gen), "t": model_time(k.float()),
                 "drop": torch.rand(B, device=device, generator=gen) < self.p_uncond}
 
-    def __call__(self, net, x, y, noise, watch=()):
-        eps, k = noise["eps"], noise["k"]
-        y = drop_labels(y, noise["drop"], self.null_label)
-        a = self.abar.to(x.device)[k].view(-1, *([1] * (x.dim() - 1)))
-        xk = a.sqrt() * x + (1 - a).sqrt() * eps
-        eps_pred, blocks = net(xk, model_time(k.float()), y, return_blocks=self.reg.wanted(watch))
-        loss = F.mse_loss(eps_pred.float(), eps.float())
-        disp = self.reg(blocks) if self.reg.weight > 0 else torch.zeros_like(loss)
-        return {"flow": loss, "disp": disp, "total": loss + self.reg.weight * disp, "blocks": blocks}
+    @staticmethod
+    def noised(x, eps, t):
+        """x_k = sqrt(abar_k) x + sqrt(1 - abar_k) eps at the step k = 1000 (1 - t) of time t."""
+        k = torch.round((1 - t.double()) * STEPS).long().clamp(0, STEPS - 1)
+        a = alphas_cumprod_on(x.device)[k].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return a.sqrt() * x + (1 - a).sqrt() * eps
+
+    def inputs(self, x, y, draws):
+        """x_k, the model's time, the labels with the dropped ones made null, and the target: eps."""
+        eps, t = draws["eps"], draws["t"]
+        return self.noised(x, eps, t), t, drop_labels(y, draws["drop"], self.null_label), eps

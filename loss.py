@@ -6,12 +6,15 @@ t = 0 is pure noise, t = 1 is data, and the network regresses the velocity
     v = d x_t / dt = x - eps.
 Sampling (sample.py) integrates dx/dt = v(x, t) from t = 0 to t = 1.
 
-    L = mean_i ||v_theta(x_t, t, y) - v||^2  +  lambda * L_disp(block-k outputs of the batch)
+    L = mean over all elements of (v_theta(x_t, t, y) - v)^2  +  lambda * L_disp(block-k outputs)
+
+(a per-element mean, as SiT's mean_flat: lambda = 0.5 is weighed against that scale).
 
 An objective is a small class built once and called once per training step, as in EDM's
-training/loss.py: objective(net, x, y, noise) returns the loss terms {flow, disp, total}.
-FlowMatching (the paper's, i.e. SiT's) is below; the others (MeanFlow, DiT's diffusion, the
-paired contrastive comparison) live in files of their own and are listed in objectives.py.
+training/loss.py: objective(net, x, y, draws) returns the loss terms {flow, disp, total} (and
+the block outputs it asked the network for). FlowMatching (the paper's, i.e. SiT's) is below;
+the others (MeanFlow, DiT's diffusion, the paired contrastive comparison) live in files of
+their own, subclass it, and are listed in objectives.py.
 """
 import math
 
@@ -117,12 +120,12 @@ class Dispersive:
         return cls(args.disp_weight, args.disp_tau, parse_blocks(args.disp_block, depth), args.disp_variant,
                    args.disp_group_size)
 
-    def wanted(self, watch=()):
-        """Block numbers the forward pass must hand back: ours (when the term is on) and `watch`."""
-        return tuple(sorted(set(watch) | (set(self.blocks) if self.weight > 0 else set())))
+    def blocks_needed(self, extra_blocks=()):
+        """Block numbers the forward pass must return: ours (when the term is on) and extra_blocks."""
+        return tuple(sorted(set(extra_blocks) | (set(self.blocks) if self.weight > 0 else set())))
 
     def __call__(self, blocks):
-        """blocks: {block number: output}, as DiT.forward(..., return_blocks=self.wanted()) returns."""
+        """blocks: {block number: output}, as DiT.forward(..., return_blocks=...) returns them."""
         return torch.stack([dispersive_loss(blocks[b], self.variant, self.tau, group_size=self.group_size)
                             for b in self.blocks]).mean()
 
@@ -177,22 +180,24 @@ def drop_labels(y, drop, null_label):
 class FlowMatching:
     """Flow matching (SiT) plus the dispersive loss: the objective of the paper's tables.
 
-    The attributes below tell train.py and sample.py how to use an objective; the other
-    objectives (objectives.py) subclass this one and change what differs."""
+    The class attributes tell train.py, sample.py and bench.py how to use an objective; the
+    other objectives (objectives.py) subclass this one and change what differs."""
     model_class = DiT                      # the network it trains
-    views = 1                              # forward passes per image (the contrastive comparison: 2)
+    views = 1                              # forward passes per image: --batch-size counts passes, so a
+                                           # batch holds batch_size // views images (contrastive.py: 2)
     solvers = ("euler", "heun", "dopri5")  # sample.py's solvers that fit its model; the first is the default
     solver_fns = {}                        # solvers of its own, by name (MeanFlow's jumps, DDIM)
     sample_steps = 50                      # default solver steps
-    flops_per_forward_mac = 6                     # training FLOPs per image, in forward MACs (bench.py's MFU)
+    flops_per_forward_mac = 6              # training FLOPs per image / forward MACs per image, for bench.py's
+                                           # MFU: 2 FLOPs per multiply-add, x 3 for forward + backward
 
     def __init__(self, reg, null_label=None, p_uncond=0.1):
         self.reg, self.null_label, self.p_uncond = reg, null_label, p_uncond
 
     @classmethod
     def add_args(cls, parser):
-        """Flags of this objective alone (none for flow matching); returns their argument group."""
-        return None
+        """Flags of this objective alone (none for flow matching): a list of argparse actions."""
+        return []
 
     @classmethod
     def from_args(cls, args, model, null_label):
@@ -204,21 +209,26 @@ class FlowMatching:
         return None
 
     def draw(self, gen, shape):
-        """The step's randomness for a batch of images of `shape`, drawn from gen: noise, times and
-        label drops. train.py draws it for the whole global batch and gives each GPU its slice."""
+        """The step's random draws for a batch of images of `shape`: noise, times and label drops.
+        data.Batches draws them for the whole global batch and gives each GPU its slice."""
         B, device = shape[0], gen.device
         return {"eps": torch.randn(shape, device=device, generator=gen),
                 "t": torch.rand(B, device=device, generator=gen),
                 "drop": torch.rand(B, device=device, generator=gen) < self.p_uncond}
 
-    def __call__(self, net, x, y, noise, watch=()):
-        """Loss terms of a batch x (B, C, H, W) with labels y and the matching slice of draw().
-        Returns {flow, disp, total, blocks}: blocks holds the outputs of the regularised blocks
-        and of those in `watch` (train.py watches all of them at log steps)."""
-        eps, t = noise["eps"], noise["t"]
-        y = drop_labels(y, noise["drop"], self.null_label)
-        xt = interpolate(x, eps, t)
-        v_pred, blocks = net(xt, t, y, return_blocks=self.reg.wanted(watch))
-        flow = F.mse_loss(v_pred.float(), (x - eps).float())
+    noised = staticmethod(interpolate)    # x_t from data x, noise eps and times t (probe.py uses it too)
+
+    def inputs(self, x, y, draws):
+        """The network's inputs (x_t, t, labels with the dropped ones made null) and its target."""
+        eps, t = draws["eps"], draws["t"]
+        return self.noised(x, eps, t), t, drop_labels(y, draws["drop"], self.null_label), x - eps
+
+    def __call__(self, net, x, y, draws, extra_blocks=()):
+        """Loss terms of a batch x (B, C, H, W) with labels y and its slice of draw(). Returns
+        {flow, disp, total, blocks}: blocks holds the outputs of the regularised blocks and of
+        extra_blocks (train.py asks for all of them at log steps, for its diagnostics)."""
+        xt, t, y, target = self.inputs(x, y, draws)
+        pred, blocks = net(xt, t, y, return_blocks=self.reg.blocks_needed(extra_blocks))
+        flow = F.mse_loss(pred.float(), target.float())
         disp = self.reg(blocks) if self.reg.weight > 0 else torch.zeros_like(flow)   # the baseline: nothing to compute
         return {"flow": flow, "disp": disp, "total": flow + self.reg.weight * disp, "blocks": blocks}

@@ -55,7 +55,7 @@ class MeanFlowDiT(DiT):
         """As DiT.forward, plus r: (B,) the end time of the average velocity (None: r = t)."""
         jump = torch.zeros_like(t) if r is None else r - t
         c = self.t_embed(t) + self.y_embed(y) + self.r_embed(jump)
-        return self.trunk(x, c, return_blocks)
+        return self.body(x, c, return_blocks)
 
 
 def meanflow_times(B, generator=None, device="cpu", logit_mean=0.4, logit_std=1.0, ratio=0.25):
@@ -139,21 +139,23 @@ class MeanFlow(FlowMatching):
     @classmethod
     def add_args(cls, parser):
         g = parser.add_argument_group("MeanFlow (--objective meanflow; the paper's ImageNet settings)")
-        g.add_argument("--mf-ratio", type=number(float, min=0, max=1), default=0.25, help="share of samples with "
-                       "r != t (the others train plain flow matching); the paper's 25%%")
-        g.add_argument("--mf-logit-mean", type=number(float), default=0.4, help="mean of the logit-normal time "
-                       "draws, in this project's convention; the paper's lognorm(-0.4, 1.0) uses t = 1 for noise")
-        g.add_argument("--mf-logit-std", type=number(float, above=0), default=1.0, help="std of the logit-normal draws")
-        g.add_argument("--mf-adaptive-p", type=number(float, min=0), default=1.0, help="power p of the adaptive loss "
-                       "weight 1 / (||u - u_tgt||^2 + c)^p; 0 is the plain squared error")
-        g.add_argument("--mf-adaptive-c", type=number(float, above=0), default=0.01, help="c of the adaptive weight")
-        g.add_argument("--mf-cfg-omega", type=number(float), default=1.0, help="guidance scale omega learnt in "
-                       "training (1: none; the paper's ablation liked 3 with kappa 0); 1-step samples come guided")
-        g.add_argument("--mf-cfg-kappa", type=number(float, min=0, below=1), default=0.0, help="kappa, the share of "
-                       "the conditional prediction in the guided velocity (effective scale omega / (1 - kappa))")
-        g.add_argument("--mf-jvp-precision", default="fp32", choices=("fp32", "autocast"), help="run the target's "
-                       "Jacobian-vector product in float32 (as the released code) or in the step's bf16 autocast")
-        return g
+        a = g.add_argument
+        return [
+            a("--mf-ratio", type=number(float, min=0, max=1), default=0.25, help="share of samples with "
+              "r != t (the others train plain flow matching); the paper's 25%%"),
+            a("--mf-logit-mean", type=number(float), default=0.4, help="mean of the logit-normal time "
+              "draws, in this project's convention; the paper's lognorm(-0.4, 1.0) uses t = 1 for noise"),
+            a("--mf-logit-std", type=number(float, above=0), default=1.0, help="std of the logit-normal draws"),
+            a("--mf-adaptive-p", type=number(float, min=0), default=1.0, help="power p of the adaptive loss "
+              "weight 1 / (||u - u_tgt||^2 + c)^p; 0 is the plain squared error"),
+            a("--mf-adaptive-c", type=number(float, above=0), default=0.01, help="c of the adaptive weight"),
+            a("--mf-cfg-omega", type=number(float), default=1.0, help="guidance scale omega learnt in "
+              "training (1: none; the paper's ablation liked 3 with kappa 0); 1-step samples come guided"),
+            a("--mf-cfg-kappa", type=number(float, min=0, below=1), default=0.0, help="kappa, the share of "
+              "the conditional prediction in the guided velocity (effective scale omega / (1 - kappa))"),
+            a("--mf-jvp-precision", default="fp32", choices=("fp32", "autocast"), help="run the target's "
+              "Jacobian-vector product in float32 (as the released code) or in the step's bf16 autocast"),
+        ]
 
     @classmethod
     def from_args(cls, args, model, null_label):
@@ -171,17 +173,17 @@ class MeanFlow(FlowMatching):
         return None
 
     def draw(self, gen, shape):
-        noise = super().draw(gen, shape)
-        noise["t"], noise["r"] = meanflow_times(shape[0], gen, gen.device, self.logit_mean, self.logit_std, self.ratio)
-        return noise
+        draws = super().draw(gen, shape)
+        draws["t"], draws["r"] = meanflow_times(shape[0], gen, gen.device, self.logit_mean, self.logit_std, self.ratio)
+        return draws
 
-    def __call__(self, net, x, y, noise, watch=()):
-        eps, t, r, drop = noise["eps"], noise["t"], noise["r"], noise["drop"]
+    def __call__(self, net, x, y, draws, extra_blocks=()):
+        eps, t, r, drop = draws["eps"], draws["t"], draws["r"], draws["drop"]
         y = drop_labels(y, drop, self.null_label)
         xt = interpolate(x, eps, t)
         u_tgt = self.target_fn(self.model or net, xt, t, y, r, x - eps, drop=drop, null_label=self.null_label,
                                cfg_omega=self.cfg_omega, cfg_kappa=self.cfg_kappa, fp32=self.jvp_fp32)
-        u, blocks = net(xt, t, y, r=r, return_blocks=self.reg.wanted(watch))
+        u, blocks = net(xt, t, y, r=r, return_blocks=self.reg.blocks_needed(extra_blocks))
         sq = (u.float() - u_tgt).pow(2).flatten(1).sum(dim=1)                # ||u - u_tgt||^2 per sample
         weighted = (sq / (sq.detach() + self.adaptive_c).pow(self.adaptive_p)).mean()
         flow = sq.mean() / x[0].numel()

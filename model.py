@@ -187,10 +187,12 @@ class DiT(nn.Module):
         the null label). return_blocks: block numbers counted from 1; when given (even empty),
         the output comes with a dict {block number: that block's output (B, T, hidden)}."""
         c = self.t_embed(t) + self.y_embed(y)                                 # (B, hidden)
-        return self.trunk(x, c, return_blocks)
+        return self.body(x, c, return_blocks)
 
-    def trunk(self, x, c, return_blocks=None):
-        """Everything after the conditioning vector c: patches, blocks, final layer, pixels."""
+    def body(self, x, c, return_blocks=None):
+        """Everything after the conditioning vector c: patches, blocks, final layer, pixels. A
+        separate method so that a subclass with other conditioning (MeanFlowDiT, which also
+        embeds a second time) reuses it unchanged."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed   # (B, T, hidden)
         blocks = {}
         for i, block in enumerate(self.blocks, start=1):

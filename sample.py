@@ -52,14 +52,17 @@ def dopri5(fn, x, steps=None, atol=1e-6, rtol=1e-3):
     """The sampler of the paper's tables (SiT's ODE sampler): adaptive Dormand-Prince 4(5) from
     torchdiffeq, with SiT's default tolerances; `steps` is unused (the solver picks its own).
     step_t makes the last step end exactly at t = 1 instead of stepping past it and
-    interpolating back, so the model is never asked about a t outside [0, 1]."""
+    interpolating back, so the model is never asked about a t outside [0, 1]. The network runs
+    in float32 here, as in SiT's sampler, even under generate()'s bf16 autocast: bf16 outputs
+    (about 3 significant digits) would leave the error control at rtol 1e-3 chasing rounding."""
     try:
         from torchdiffeq import odeint          # optional, like torch-fidelity: pip install torchdiffeq
     except ImportError:
         raise UserError("--solver dopri5 needs torchdiffeq: pip install torchdiffeq") from None
     span = torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device)
-    return odeint(lambda t, x: fn(x, t.item()), x, span, method="dopri5", atol=atol, rtol=rtol,
-                  options={"step_t": span[1:]})[-1]
+    with torch.autocast(x.device.type, enabled=False):
+        return odeint(lambda t, x: fn(x, t.item()), x, span, method="dopri5", atol=atol, rtol=rtol,
+                      options={"step_t": span[1:]})[-1]
 
 
 ODE_SOLVERS = {"euler": euler, "heun": heun, "dopri5": dopri5}

@@ -1,6 +1,6 @@
-"""The executable specification of the method: the dispersive loss against a float64 double
-loop and hand-computed cases, its groups, flow matching's interpolant and target, and how the
-two terms combine in the objective (loss.py). Read it first."""
+"""The executable specification of the method (loss.py): the dispersive loss against a float64
+double loop and hand-computed cases, its groups, flow matching's interpolant and target, how
+the two terms combine, and where the dispersive gradient goes. The first test file to read."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ from model import DiT
 
 
 def infonce_l2_reference(z, tau):
-    """The formula of METHOD.md as a direct double loop, in float64."""
+    """The paper's formula as a direct double loop over all B*B ordered pairs, in float64."""
     z = z.reshape(z.shape[0], -1).double()
     B, d = z.shape
     total = 0.0
@@ -250,7 +250,7 @@ def test_baseline_computes_no_dispersive_term():
     noise = flow_noise(torch.randn(4, 1, 8, 8), torch.rand(4))
     losses = objective(model, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), noise)
     assert losses["disp"].item() == 0.0 and losses["blocks"] == {} and losses["total"] is not None
-    with_watch = objective(model, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), noise, watch=(2, 4))
+    with_watch = objective(model, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), noise, extra_blocks=(2, 4))
     assert sorted(with_watch["blocks"]) == [2, 4] and with_watch["disp"].item() == 0.0
 
 

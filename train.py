@@ -26,7 +26,7 @@ from loss import VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import generate, grid_labels, sampler, save_grid
-from utils import UserError, all_reduce, autocast, barrier, init_distributed, number, run_main
+from utils import UserError, autocast, barrier, init_distributed, mean_over_gpus, number, run_main
 
 
 def get_args(argv=None):
@@ -81,9 +81,8 @@ def get_args(argv=None):
     fid.add_args(p)
     args = p.parse_args(argv)
 
-    for name, group in own_flags.items():   # another objective's flags would be silently ignored
-        changed = [a.option_strings[0] for a in (group._group_actions if group else [])
-                   if name != args.objective and getattr(args, a.dest) != a.default]
+    for name, actions in own_flags.items():   # another objective's flags would be silently ignored
+        changed = [a.option_strings[0] for a in actions if name != args.objective and getattr(args, a.dest) != a.default]
         if changed:
             raise UserError(f"{', '.join(changed)}: flags of --objective {name}, not of {args.objective}")
     if args.image_size is not None and args.data not in ("folder", "latents"):
@@ -117,19 +116,19 @@ def build(args, data, device, world=1):
     if args.batch_size % (world * objective.views):
         raise UserError(f"--batch-size {args.batch_size} does not split into {world} process(es) x "
                         f"{objective.views} view(s)")
-    if reg.weight > 0 and reg.group_size and local % reg.group_size:
+    if reg.group_size and local % reg.group_size:     # the baseline too: it logs the term, in the same groups
         raise UserError(f"--disp-group-size {reg.group_size} does not divide the batch of {local} per process; "
                         f"choose a divisor of it, or 0 for the whole batch")
     return model, ema, opt, objective
 
 
-def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip, watch=()):
-    """One optimisation step on batch = (x, y, noise); returns the loss terms."""
-    x, y, noise = batch
+def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip, extra_blocks=()):
+    """One optimisation step on batch = (x, y, draws), as Batches gives it; returns the loss terms."""
+    x, y, draws = batch
     for group in opt.param_groups:
         group["lr"] = lr
     with autocast(x.device):
-        losses = objective(net, x, y, noise, watch)
+        losses = objective(net, x, y, draws, extra_blocks)
     opt.zero_grad(set_to_none=True)
     losses["total"].backward()
     if grad_clip > 0:
@@ -140,17 +139,18 @@ def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip,
     return losses
 
 
-def log_values(losses, reg, local_batch):
-    """What a log line reports, as one tensor (averaged over GPUs in one call): the loss terms;
-    the dispersive loss of the regularised blocks whatever its weight (grouped as trained, and
-    over the whole per-GPU batch); and per block its outputs' mean squared distance / d and rms."""
+def log_values(losses, reg):
+    """What a log line reports (before averaging over GPUs): the loss terms; the dispersive loss of
+    the regularised blocks whatever its weight, in the groups it is trained in and over the whole
+    per-GPU batch; and for every block the mean squared distance / d and rms of its outputs."""
     blocks = losses["blocks"]
-    G = reg.group_size if reg.group_size and local_batch % reg.group_size == 0 else 0
-    diag = [torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=g) for b in reg.blocks]).mean()
-            for g in (G, 0)]
-    per_block = [torch.stack(block_stats(blocks[b])) for b in sorted(blocks)]
-    return torch.cat([torch.stack([losses["flow"], losses["disp"], losses["total"], *diag]).detach().float(),
-                      torch.stack(per_block).T.flatten()])
+    diag = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
+                                           for b in reg.blocks]).mean()
+    dist, rms = zip(*(block_stats(blocks[b]) for b in sorted(blocks)))
+    return {"flow": losses["flow"], "disp": losses["disp"], "total": losses["total"],
+            "disp_diag": diag(reg.group_size), "disp_diag_batch": diag(0),
+            "mean_sq_dist": torch.stack([block_stats(blocks[b])[0] for b in reg.blocks]).mean(),
+            "block_dist": torch.stack(dist), "block_rms": torch.stack(rms)}
 
 
 def main(argv=None):
@@ -202,7 +202,7 @@ def main(argv=None):
     # --- the loop ------------------------------------------------------------------------
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)
-    guard = rundir.NonFiniteGuard(("flow", "dispersive"), device)
+    guard = rundir.NonFiniteGuard(("flow", "disp"), device)
     every_block = tuple(range(1, model.depth + 1))
     t_last, step_last = time.perf_counter(), start
     net.train()
@@ -215,22 +215,19 @@ def main(argv=None):
             lr = args.lr * min(1.0, done / max(1, args.warmup_steps))
             losses = train_step(net, model, ema, opt, objective, batches(step), lr,
                                 min(args.ema_decay, (1 + step) / (10 + step)), args.grad_clip,
-                                watch=every_block if log_now else ())
+                                extra_blocks=every_block if log_now else ())
             guard.update((losses["flow"], losses["disp"]), done)      # no host-device sync here
             pbar.update(1)
 
             # log: the only host-device sync, every --log-every steps
             if log_now:
-                vals = all_reduce(log_values(losses, reg, local)).tolist()
+                stats = mean_over_gpus(log_values(losses, reg))
                 guard.check()
                 now = time.perf_counter()
                 ips = (done - step_last) * args.batch_size / (now - t_last)
                 t_last, step_last = now, done
-                D = model.depth
-                log(type="train", step=done, flow=vals[0], disp=vals[1], total=vals[2], disp_diag=vals[3],
-                    disp_diag_batch=vals[4], lr=lr, img_per_s=ips, block_dist=vals[5:5 + D], block_rms=vals[5 + D:],
-                    mean_sq_dist=sum(vals[5 + b - 1] for b in reg.blocks) / len(reg.blocks))
-                pbar.set_postfix(flow=f"{vals[0]:.4f}", disp=f"{vals[1]:.4f}", img_s=f"{ips:.0f}")
+                log(type="train", step=done, **stats, lr=lr, img_per_s=ips)
+                pbar.set_postfix(flow=f"{stats['flow']:.4f}", disp=f"{stats['disp']:.4f}", img_s=f"{ips:.0f}")
 
             # samples and evaluations of the EMA model
             if main_proc and args.sample_every and done % args.sample_every == 0:

@@ -100,6 +100,17 @@ def all_reduce(t, op="mean"):
     return t
 
 
+def mean_over_gpus(values):
+    """{name: tensor (a scalar or a vector)} -> {name: float or list of floats}, averaged over all
+    processes in one all_reduce (and one host-device sync)."""
+    flat = all_reduce(torch.cat([v.detach().float().reshape(-1) for v in values.values()])).tolist()
+    out, i = {}, 0
+    for name, v in values.items():
+        out[name] = flat[i] if v.dim() == 0 else flat[i:i + v.numel()]
+        i += v.numel()
+    return out
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

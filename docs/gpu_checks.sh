@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement the README's Speed section asks for, in one call, for a session that
-# has a GPU for a few minutes:
+# Every GPU measurement docs/speed.md asks for, in one call, for a session that has a GPU for a
+# few minutes:
 #     bash docs/gpu_checks.sh OUT_DIR        # 3 checks, each capped at 180 s: under 10 minutes in all
-# Writes one text file per check into OUT_DIR and prints their tables. Nothing here is needed
-# for CI or the tests.
+# Writes one text file per check into OUT_DIR and prints their tables. bench.py times train.py's
+# own build() and train_step(). Nothing here is needed for CI or the tests.
 set -u
 out=${1:-gpu_results}
 mkdir -p "$out"
@@ -17,7 +17,7 @@ check() {   # check NAME COMMAND...: run it with a time limit, keep its output a
     echo "exit status $?" >> "$out/$name.txt"
     grep -E '^(\||device|DiT|exit)' "$out/$name.txt"
 }
-# issue 4's targets: S/2 >= 40% MFU, B/2 >= 50%, dispersive overhead <= 1%, 50K S/2 samples <= 90 s
+# The targets: S/2 >= 40% MFU, B/2 >= 50%, dispersive overhead <= 1%, 50K S/2 samples (50 Euler steps) <= 90 s
 check s2_compile python bench.py --model DiT-S/2 --compile --sample-batch 1024 --sample-batches 2
 check b2_compile python bench.py --model DiT-B/2 --compile --sample-batches 0
 # MeanFlow: the cost of its JVP step, and 1-step sampling

@@ -44,7 +44,8 @@ def test_noise_predicting_oracle_gets_zero_loss():
     x = torch.randn(6, 1, 4, 4, generator=g)
     objective = Diffusion(Dispersive(weight=0.0), null_label=None)
     noise = objective.draw(g, x.shape)
-    assert noise["k"].dtype == torch.long and 0 <= noise["k"].min() and noise["k"].max() < 1000
+    k = (1 - noise["t"].double()) * 1000                       # the drawn DDPM steps, on the model's time grid
+    assert torch.allclose(k, k.round(), atol=1e-3) and 0 <= k.min() and k.max() <= 999
     losses = objective(NoiseOracle(x), x, torch.zeros(6, dtype=torch.long), noise)
     assert losses["flow"].item() < 1e-8 and losses["total"].item() == losses["flow"].item()
     wrong = objective(lambda *a, **k: (torch.zeros_like(x), {}), x, torch.zeros(6, dtype=torch.long), noise)
@@ -73,6 +74,14 @@ def test_ddim_with_the_exact_noise_reaches_the_analytic_answer():
     assert 1.8 < err(100) / err(200) < 2.1 and err(1000) < 0.01
     # A point mass (s = 0) is reached exactly in any number of steps: x0 is always predicted right.
     assert (ddim(gaussian_eps(mu, 0.0), x_T, 3) - mu).abs().max() < 1e-12
+
+
+def test_noised_is_the_ddpm_marginal_at_step_k():
+    x, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    k = torch.tensor([0, 500, 999])
+    a = alphas_cumprod()[k].float().view(-1, 1, 1, 1)
+    got = Diffusion.noised(x, eps, model_time(k.float()))
+    assert torch.allclose(got, a.sqrt() * x + (1 - a).sqrt() * eps, atol=1e-6)
 
 
 def test_ddim_visits_dits_respaced_steps():

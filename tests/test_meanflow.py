@@ -279,3 +279,18 @@ def test_default_run_directory_names_the_objective():
     # a MeanFlow run must not land in (and then refuse to resume) a flow run's directory
     assert train.get_args([]).out == os.path.join("runs", "cifar10_DiT-S-2_w0.5_s0")
     assert train.get_args(["--objective", "meanflow"]).out == os.path.join("runs", "cifar10_DiT-S-2_meanflow_w0.5_s0")
+
+
+def test_unscaled_time_embedding():
+    """MeanFlow's key fix: both time embeddings take t in [0, 1] as it is, not DiT's 1000 t."""
+    mf = build_model("DiT-Mi/4", 8, 1, 3, cls=MeanFlowDiT)
+    assert mf.t_embed.t_scale == 1.0 and mf.r_embed.t_scale == 1.0
+    seen = {}
+    mf.t_embed.mlp[0].register_forward_hook(lambda m, inp, out: seen.__setitem__("x", inp[0]))
+    mf.t_embed(torch.tensor([0.25]))
+    assert seen["x"][0, mf.t_embed.freq_dim // 2].item() == pytest.approx(math.sin(0.25), abs=1e-6)
+
+
+def test_default_sampler_is_one_jump():
+    from sample import sampler
+    assert sampler("meanflow")[1:] == ("meanflow", 1) and sampler("meanflow", "heun", 4)[1:] == ("heun", 4)

@@ -60,16 +60,9 @@ def test_registry_and_errors():
 
 
 def test_time_embedding_scale():
-    """Flow matching's DiT embeds 1000 t (DiT's integer steps); MeanFlow's embeds t as it is
-    (meanflow.py says why): the embedder's sin-cos arguments are t_scale * t * frequency."""
-    from meanflow import MeanFlowDiT
-    assert build_model("DiT-Mi/4", 8, 1, 3).t_embed.t_scale == 1000.0
-    mf = build_model("DiT-Mi/4", 8, 1, 3, cls=MeanFlowDiT)
-    assert mf.t_embed.t_scale == 1.0 and mf.r_embed.t_scale == 1.0
-    emb = mf.t_embed
-    t = torch.tensor([0.25])
+    """DiT's embedding sees 1000 t, DiT's integer steps: the sin-cos arguments are 1000 t * frequency."""
+    emb = build_model("DiT-Mi/4", 8, 1, 3).t_embed
     seen = {}
     emb.mlp[0].register_forward_hook(lambda m, inp, out: seen.__setitem__("x", inp[0]))
-    emb(t)
-    half = emb.freq_dim // 2
-    assert seen["x"][0, half].item() == pytest.approx(math.sin(0.25), abs=1e-6)   # frequency 1, unscaled
+    emb(torch.tensor([0.25]))
+    assert seen["x"][0, emb.freq_dim // 2].item() == pytest.approx(math.sin(250.0), abs=1e-4)   # frequency 1
