@@ -47,12 +47,25 @@ def test_frechet_non_commuting_closed_form():
     assert fid.frechet_distance(mu2, s2, mu2, s2) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_frechet_rank_deficient_is_finite_and_nonnegative():
+def sqrtm_frechet(mu1, s1, mu2, s2):
+    """The textbook formula (pytorch-fid's), with scipy's general matrix square root."""
+    from scipy import linalg
+    covmean = linalg.sqrtm(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
+
+
+def test_frechet_rank_deficient_matches_scipy_sqrtm():
+    pytest.importorskip("scipy")
     rng = np.random.default_rng(0)
     m1, s1 = fid.statistics(rng.normal(size=(5, 20)))          # N < D: singular covariances
-    m2, s2 = fid.statistics(rng.normal(size=(5, 20)) + 1)
+    m2, s2 = fid.statistics(rng.normal(size=(5, 20)) @ rng.normal(size=(20, 20)) * 0.5 + 1)
     value = fid.frechet_distance(m1, s1, m2, s2)
     assert np.isfinite(value) and value > 0
+    assert value == pytest.approx(sqrtm_frechet(m1, s1, m2, s2), rel=1e-6)
+    # the cross term matters here: dropping it, or taking tr(S1 S2) for it, is far off
+    assert value != pytest.approx(((m1 - m2) ** 2).sum() + np.trace(s1 + s2), rel=1e-2)
+    same_mean = fid.frechet_distance(m1, s1, m1, s2)
+    assert same_mean == pytest.approx(sqrtm_frechet(m1, s1, m1, s2), rel=1e-6)
     with pytest.raises(UserError):
         fid.frechet_distance(m1, s1, m2[:3], s2[:3, :3])
 

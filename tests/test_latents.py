@@ -67,13 +67,37 @@ def test_encoding_shapes_metadata_and_values(latents, images, vae_dir):
     vae = load_vae(vae_dir)
     x = torch.from_numpy(np.array(center_crop(Image.open(files[5]).convert("RGB"), SIZE))).permute(2, 0, 1)
     x = x[None].float() / 127.5 - 1
-    mean, std = encode(vae, torch.cat([x, x.flip(3)]))
+    with torch.no_grad():                          # diffusers' own posterior, not latents.encode
+        posterior = vae.encode(torch.cat([x, x.flip(3)])).latent_dist
+    mean, std = posterior.mean, posterior.std
     assert torch.allclose(torch.from_numpy(moments[10:12, 0].astype(np.float32)), mean, atol=2e-3, rtol=2e-3)
     assert torch.allclose(torch.from_numpy(moments[10:12, 1].astype(np.float32)), std, atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(posterior.var, std, atol=2e-3, rtol=2e-3)      # storing the variance would fail
     assert (moments[:, 1] > 0).all()
 
     imgs = decode(vae, mean * 0.18215, 0.18215)
     assert imgs.shape == (2, 3, SIZE, SIZE) and imgs.min() >= -1 and imgs.max() <= 1
+
+
+def test_encode_and_decode_are_diffusers_own(vae_dir):
+    """latents.encode / decode against diffusers' AutoencoderKL called directly: the posterior's
+    mean and std (not its variance or log-variance), and decoding z / scale_factor, in chunks."""
+    vae = load_vae(vae_dir)
+    x = torch.rand(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        mean, std = encode(vae, x)
+        torch.testing.assert_close(mean, posterior.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(std, posterior.std, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(posterior.var, posterior.std, rtol=1e-2, atol=1e-3)
+        assert not torch.allclose(posterior.logvar, posterior.std, rtol=1e-2, atol=1e-3)
+        z = (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))) * 0.18215
+        theirs = vae.decode(z / 0.18215).sample.clamp(-1, 1)
+        ours = decode(vae, z, 0.18215, chunk=2)           # chunks of 2, 2 and 1, joined in order
+        assert ours.shape == (5, 3, SIZE, SIZE)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        assert (theirs.abs() < 1).float().mean() > 0.5     # mostly inside the clamp: a real comparison
+        assert not torch.allclose(vae.decode(z).sample.clamp(-1, 1), theirs, atol=1e-3)   # the scale matters
 
 
 def test_latent_set_samples_the_posterior(latents):

@@ -41,6 +41,7 @@ def test_forward_macs_match_pytorchs_flop_counter():
     assert step.get_total_flops() == pytest.approx(6 * B * model_macs(model), rel=0.02)
 
 
+@pytest.mark.slow    # tens of seconds: Inductor compiles C++ in worker processes
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_model_matches_eager():
     torch.manual_seed(0)
@@ -59,6 +60,7 @@ def test_compiled_model_matches_eager():
     print(f"compiling the tiny model took {took:.1f} s")
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu_and_prints_its_table():
     r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8",
                    "--steps", "1", "--rounds", "1", "--warmup", "1", "--sample-steps", "2", "--sample-batches", "1",
@@ -89,26 +91,89 @@ def torchrun(nproc, *args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
 
 
+def ckpt(run, step):
+    return torch.load(run / "checkpoints" / f"step_{step:07d}.pt", weights_only=True)
+
+
+def grad_gap(a, b):
+    """The gradients of step 1 of two runs, from their step-1 checkpoints: AdamW's first moment is
+    then (1 - beta1) g, g the averaged (and clipped) gradient. Their largest elementwise difference,
+    relative to the largest |g|."""
+    m = [torch.cat([st["exp_avg"].flatten() for st in c["opt"]["state"].values()]) for c in (a, b)]
+    return (m[0] - m[1]).abs().max().item() / m[0].abs().max().item()
+
+
+def weight_gap(a, b, before):
+    """||a - b|| over all weights, raw and EMA, relative to how far the step to `a` moved them from `before`."""
+    norm = lambda x, y: sum((x[k][n] - y[k][n]).double().pow(2).sum() for k in ("model", "ema") for n in x[k]).sqrt().item()
+    return norm(a, b) / norm(a, before)
+
+
+# The tolerances. In float32 two processes sum a gradient in another order than one: the
+# averaged gradients agree to about 1e-6 of their scale (GRAD_TOL, elementwise). The weights
+# cannot be compared elementwise at that level: AdamW's step is lr * g / (|g| + 1e-8), which
+# turns the reduction noise of a coordinate whose true gradient is 0 (patch_embed.bias is one)
+# into a step of up to lr either way, and step 2 spreads it. So the weights are compared in
+# norm: the two runs differ by under 1% of what a step moves them (measured: under 0.1%);
+# a different loss (the test after this one) differs by about half of it.
+GRAD_TOL, WEIGHT_TOL = 1e-5, 1e-2
+
+
+def ddp_flags(objective, group_size, steps):
+    """The dispersive term on, with a learning rate that moves a fresh (adaLN-Zero) DiT at once,
+    and a checkpoint every step."""
+    return ["--objective", objective, "--disp-weight", "0.5", "--disp-group-size", str(group_size), "--lr", "1e-2",
+            "--warmup-steps", "0", "--log-every", "1", "--ckpt-every", "1", "--keep-ckpts", "0", "--steps", str(steps)]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["flow", "meanflow"])
 def test_ddp_on_two_cpu_processes_matches_one_and_resumes_on_one(image_folder, tmp_path, objective):
     """Both ranks draw the noise of the whole global batch and take their halves, so 2
-    processes see the very samples of 1 process; with the dispersive term off, the
-    averaged flow loss and the averaged gradients then match the single process. MeanFlow
+    processes see the very samples of 1 process. With groups of 2 the 4 samples of each
+    process are 2 whole groups, the dispersive term is the same mean over the same 4 groups,
+    and the averaged gradients, hence the weights, match the single process. MeanFlow
     computes its target on the bare model (torch.func.jvp cannot go through DDP); its
-    gradients are synced by the DDP forward of the loss, which step 2 checks."""
-    flags = ["--disp-weight", "0", "--log-every", "1", "--objective", objective]
-    train.main(tiny_args(image_folder, tmp_path / "one", "--steps", "3", *flags))
-    r = torchrun(2, "train.py", *tiny_args(image_folder, tmp_path / "two", "--steps", "2", *flags))
+    gradients are synced by the DDP forward of the loss."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(tiny_args(image_folder, one, *ddp_flags(objective, 2, 3)))
+    r = torchrun(2, "train.py", *tiny_args(image_folder, two, *ddp_flags(objective, 2, 2)))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert os.listdir(tmp_path / "two" / "checkpoints") == ["step_0000002.pt"]
+    assert sorted(os.listdir(two / "checkpoints")) == ["step_0000001.pt", "step_0000002.pt"]
 
-    one, two = (read_jsonl(tmp_path / run / "metrics.jsonl") for run in ("one", "two"))
-    assert two[0]["type"] == "config" and two[0]["world_size"] == 2
-    assert [rec["step"] for rec in two if rec["type"] == "train"] == [1, 2]    # rank 0 alone writes
-    for a, b in zip(one[1:3], two[1:3]):
+    log1, log2 = (read_jsonl(run / "metrics.jsonl") for run in (one, two))
+    assert log2[0]["type"] == "config" and log2[0]["world_size"] == 2
+    assert [rec["step"] for rec in log2 if rec["type"] == "train"] == [1, 2]    # rank 0 alone writes
+    for a, b in zip(log1[1:3], log2[1:3]):
         assert b["flow"] == pytest.approx(a["flow"], rel=1e-5), (a, b)
+        assert b["disp"] == pytest.approx(a["disp"], rel=1e-5), (a, b)
+        assert a["disp"] < 0
+
+    # The same gradient in step 1, elementwise, and the same weights after steps 1 and 2 ...
+    gaps = grad_gap(ckpt(one, 1), ckpt(two, 1)), weight_gap(ckpt(one, 2), ckpt(two, 2), ckpt(one, 1))
+    print(f"1 vs 2 processes ({objective}): gradient gap {gaps[0]:.2g}, weight gap {gaps[1]:.2g}")
+    assert gaps[0] < GRAD_TOL and gaps[1] < WEIGHT_TOL, gaps
+    # ... while the model did move: its zero-initialised output layer is not zero any more.
+    assert ckpt(two, 2)["model"]["final.linear.weight"].abs().max() > 1e-3
 
     # The checkpoint of the 2-process run continues in 1 process, on the same data stream.
-    train.main(tiny_args(image_folder, tmp_path / "two", "--steps", "3", "--resume", *flags))
-    resumed = read_jsonl(tmp_path / "two" / "metrics.jsonl")[-1]
-    assert resumed["step"] == 3 and resumed["flow"] == pytest.approx(one[3]["flow"], rel=1e-4)
+    train.main(tiny_args(image_folder, two, *ddp_flags(objective, 2, 3), "--resume"))
+    resumed = read_jsonl(two / "metrics.jsonl")[-1]
+    assert resumed["step"] == 3 and resumed["flow"] == pytest.approx(log1[3]["flow"], rel=1e-4)
+    assert weight_gap(ckpt(one, 3), ckpt(two, 3), ckpt(one, 2)) < WEIGHT_TOL
+
+
+@pytest.mark.slow
+def test_ddp_comparison_has_teeth_whole_batch_groups_differ(image_folder, tmp_path):
+    """--disp-group-size 0 disperses each process's whole batch: 8 samples in 1 process, 4 in
+    each of 2, a different loss. The same comparisons as above must then fail, by far."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(tiny_args(image_folder, one, *ddp_flags("flow", 0, 2)))
+    r = torchrun(2, "train.py", *tiny_args(image_folder, two, *ddp_flags("flow", 0, 2)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (next(rec for rec in read_jsonl(run / "metrics.jsonl") if rec["type"] == "train") for run in (one, two))
+    assert b["flow"] == pytest.approx(a["flow"], rel=1e-5)       # step 1: the same model and samples ...
+    assert b["disp"] != pytest.approx(a["disp"], rel=1e-3)       # ... but not the same dispersive loss
+    gaps = grad_gap(ckpt(one, 1), ckpt(two, 1)), weight_gap(ckpt(one, 2), ckpt(two, 2), ckpt(one, 1))
+    print(f"groups of the whole batch, 1 vs 2 processes: gradient gap {gaps[0]:.2g}, weight gap {gaps[1]:.2g}")
+    assert gaps[0] > 100 * GRAD_TOL and gaps[1] > 10 * WEIGHT_TOL, gaps

@@ -23,54 +23,90 @@ def fast_args(data, out, *extra):
     return ["train.py", *tiny_args(data, out, "--model", "DiT-Mi/8", *extra)]
 
 
-def start(args):
+def start(args, log=None):
+    """The script in a child process; its output to the file `log` (nothing can fill up and block
+    on a pipe nobody reads) or, without one, to pipes for communicate()."""
+    if log is not None:
+        with open(log, "w") as f:
+            return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(cond, timeout=60):
+def stop(proc):
+    """SIGKILL a child that still runs, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=60)
+
+
+def wait_for(cond, timeout=60, poll=0.02):
     end = time.time() + timeout
     while time.time() < end:
         if cond():
             return True
-        time.sleep(0.02)
+        time.sleep(poll)
     return False
 
 
+def tail(path, n=3000):
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
+@pytest.mark.slow
 def test_sigkill_loop_never_loses_the_latest_checkpoint(image_folder, tmp_path):
     out = tmp_path / "run"
+    ckpt_dir = out / "checkpoints"
     rng = random.Random(0)
     kills, verified, newest_step, torn = 0, 0, 0, 0
-    for i in range(5):
+    in_write = lambda: any(".tmp" in e.name for e in os.scandir(ckpt_dir))
+    newest = lambda: rundir.checkpoint_step(list_checkpoints(out)[0]) if list_checkpoints(out) else 0
+    # Kills alternate: at a random moment, and as soon as a checkpoint's temporary file exists
+    # (inside a write, for certain). The latter repeat until one has left a torn file behind.
+    for i in range(10):
+        if kills >= 5 and torn:
+            break
         # A checkpoint every step (about 20 MB each), so kills land inside writes too.
         extra = ["--steps", "100000", "--ckpt-every", "1", "--keep-ckpts", "2", "--log-every", "5"]
-        proc = start(fast_args(image_folder, out, *extra, *(["--resume"] if i else [])))
-        assert wait_for(lambda: bool(list_checkpoints(out)) and
-                        int(os.path.basename(list_checkpoints(out)[0])[5:12]) > newest_step), proc.stderr.read()
-        time.sleep(rng.uniform(0.0, 0.4))
-        proc.kill()
-        proc.wait()
+        log = tmp_path / f"child{i}.log"
+        proc = start(fast_args(image_folder, out, *extra, *(["--resume"] if i else [])), log)
+        try:
+            assert wait_for(lambda: newest() > newest_step or proc.poll() is not None), tail(log)
+            assert proc.poll() is None, tail(log)                 # training, not crashed
+            if i % 2 == 0:
+                time.sleep(rng.uniform(0.0, 0.4))
+            else:
+                assert wait_for(in_write, timeout=30, poll=0.0005), tail(log)
+            proc.kill()
+        finally:
+            stop(proc)
         kills += 1
-        torn += bool(glob.glob(str(out / "checkpoints" / "*.tmp*")))   # the kill landed inside a write
+        torn += bool(glob.glob(str(ckpt_dir / "*.tmp*")))         # the kill landed inside a write
         ckpt = load_checkpoint(list_checkpoints(out)[0])          # the newest must always load
         assert ckpt["step"] >= newest_step                        # and the run never went backwards
         newest_step = ckpt["step"]
         verified += 1
     print(f"kill loop: {kills} SIGKILLs ({torn} inside a checkpoint write), {verified} newest checkpoints "
           f"verified, none lost, last at step {newest_step}")
+    assert kills >= 5 and torn >= 1
     # A last resume finishes cleanly from wherever the kills left it and removes the leftovers.
     r = run_script(*fast_args(image_folder, out, "--steps", str(newest_step + 2), "--resume"))
     assert r.returncode == 0, r.stderr
-    assert not glob.glob(str(out / "checkpoints" / "*.tmp*"))
+    assert not glob.glob(str(ckpt_dir / "*.tmp*"))
     assert load_checkpoint(list_checkpoints(out)[0])["step"] == newest_step + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_exits_cleanly(image_folder, tmp_path, sig):
     out = tmp_path / "run"
     proc = start(fast_args(image_folder, out, "--steps", "100000", "--log-every", "1"))
-    assert wait_for(lambda: os.path.exists(out / "metrics.jsonl") and len(read_jsonl(out / "metrics.jsonl")) > 3)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=60)
+    try:
+        assert wait_for(lambda: os.path.exists(out / "metrics.jsonl") and len(read_jsonl(out / "metrics.jsonl")) > 3)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        stop(proc)                                  # a failed wait never leaves it training 100K steps
     assert proc.returncode == 0, stderr
     assert f"stopped by {sig.name}" in stdout and "--resume" in stdout
     step = load_checkpoint(list_checkpoints(out)[0])["step"]

@@ -1,12 +1,54 @@
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import sample
 import train
-from conftest import read_jsonl, run_script, tiny_args
-from data import BatchStream, _read_idx, load_dataset
+from conftest import ROOT, read_jsonl, run_script, tiny_args
+from data import BatchStream, Batches, _read_idx, load_dataset
+from loss import dispersive_loss
+from model import build_model
+from objectives import OBJECTIVES
+from rundir import load_checkpoint
+
+
+def moving_args(data, out, *extra):
+    """tiny_args on DiT-Mi/8 (4 tokens: milliseconds a step) with a learning rate that moves a
+    fresh DiT at once. A fresh DiT is adaLN-Zero: it outputs exactly 0, and its blocks pass their
+    input through unchanged, until trained, so a comparison of an untrained model checks nothing."""
+    return tiny_args(data, out, "--model", "DiT-Mi/8", "--lr", "1e-2", "--warmup-steps", "0", *extra)
+
+
+def ckpt(run, step):
+    return torch.load(run / "checkpoints" / f"step_{step:07d}.pt", weights_only=True)
+
+
+def train_log(run):
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"]
+
+
+def initial_model(argv, data_path):
+    """The weights a run of these flags starts from (build() seeds them), and the objective."""
+    args = train.get_args(argv)
+    model, _, _, objective = train.build(args, load_dataset("folder", data_path), torch.device("cpu"))
+    return args, model, objective
+
+
+def replay(argv, data_path, out, step):
+    """The loss terms and block outputs of log step `step` (counted from 1), recomputed from the
+    checkpoint of step - 1 (the weights that step's forward pass used) and that step's batch."""
+    args, model, objective = initial_model(argv, data_path)
+    model.load_state_dict(ckpt(out, step - 1)["model"])
+    data = load_dataset("folder", data_path)
+    batches = Batches(data, args.batch_size, args.seed, objective.draw, torch.device("cpu"),
+                      labels=model.num_classes > 0)
+    with torch.no_grad():
+        return objective(model, *batches(step - 1), tuple(range(1, model.depth + 1)))
 
 
 def test_smoke_train_checkpoint_resume_sample(image_folder, tmp_path):
@@ -109,7 +151,227 @@ def test_real_fashion_mnist():
 
 
 def test_missing_cifar_names_the_flag(tmp_path):
-    r = run_script("train.py", "--data", "cifar10", "--data-path", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
-                   "--steps", "1")
-    assert r.returncode == 2
+    # Every proxy variable points at a dead local port (9, discard) and nothing bypasses it, so
+    # the download fails the same way with or without internet (instead of fetching 170 MB).
+    dead = "http://127.0.0.1:9"
+    env = dict(os.environ, HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, ALL_PROXY=dead,
+               all_proxy=dead, NO_PROXY="", no_proxy="")
+    r = subprocess.run([sys.executable, "train.py", "--data", "cifar10", "--data-path", str(tmp_path / "nothing"),
+                        "--out", str(tmp_path / "o"), "--steps", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 2, r.stderr
     assert "--data-path" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "nothing" / "cifar-10-python.tar.gz")
+
+
+# ----------------------------------------------------------------------------------------
+# The loop's glue: every rank's share of a step's randomness, EMA, lr, clipping, pruning
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["flow", "meanflow"])
+def test_every_random_draw_of_a_step_is_the_ranks_slice_of_the_global_draw(image_folder, objective):
+    """Batches for 2 and for 4 ranks, joined, are the 1-process batch: the samples, their flips,
+    and every draw of the objective (eps, t, label drops; MeanFlow's r too)."""
+    data = load_dataset("folder", image_folder)          # 24 images, flip=True
+    mf = ["--mf-ratio", "0.5"] if objective == "meanflow" else []
+    args = train.get_args(["--objective", objective, "--p-uncond", "0.5", "--model", "DiT-Mi/8", *mf])
+    Objective = OBJECTIVES[objective]
+    model = build_model(args.model, 16, 3, data.num_classes, cls=Objective.model_class)
+    draw = Objective.from_args(args, model, data.num_classes).draw
+    cpu, B, seed = torch.device("cpu"), 8, 3
+    one = Batches(data, B, seed, draw, cpu)
+    keys = {"eps", "t", "drop", *(["r"] if objective == "meanflow" else [])}
+    flipped, kept, dropped, jumps = 0, 0, 0, 0
+    for step in (0, 1, 4):                                # 3 steps an epoch: step 4 is in epoch 1
+        x, y, noise = one(step)
+        assert set(noise) == keys
+        unflipped = data.batch(one.stream.indices(step))[0]
+        is_flipped = (x != unflipped).flatten(1).any(1)
+        assert torch.equal(x[is_flipped], unflipped[is_flipped].flip(3))
+        flipped, kept = flipped + is_flipped.sum().item(), kept + (~is_flipped).sum().item()
+        dropped += noise["drop"].sum().item()
+        jumps += (noise["r"] != noise["t"]).sum().item() if "r" in noise else 1
+        for world in (2, 4):
+            parts = [Batches(data, B, seed, draw, cpu, rank, world)(step) for rank in range(world)]
+            assert all(len(p[0]) == B // world for p in parts)
+            assert torch.equal(torch.cat([Batches(data, B, seed, draw, cpu, r, world).stream.indices(step)
+                                          for r in range(world)]), one.stream.indices(step)), (world, step)
+            assert torch.equal(torch.cat([p[0] for p in parts]), x), ("images and flips", world, step)
+            assert torch.equal(torch.cat([p[1] for p in parts]), y), ("labels", world, step)
+            for k in keys:
+                assert torch.equal(torch.cat([p[2][k] for p in parts]), noise[k]), (k, world, step)
+    # the draws had something to compare: some images flipped and some not, some labels dropped ...
+    assert flipped and kept and 0 < dropped < 3 * B and jumps
+
+
+def test_ema_follows_its_ramp_then_its_decay(image_folder, tmp_path):
+    """ema_s = d * ema_(s-1) + (1 - d) * w_s with d = min(decay, (1 + k) / (10 + k)), k = s - 1 the
+    step's 0-based index, checked from consecutive checkpoints. With --ema-decay 0.2 the ramp
+    rules steps 0 and 1 (0.1, 0.18) and the decay steps 2 and 3 (the ramp would give 0.25, 0.31)."""
+    out = tmp_path / "run"
+    argv = moving_args(image_folder, out, "--steps", "4", "--ckpt-every", "1", "--keep-ckpts", "0", "--ema-decay", "0.2")
+    train.main(argv)
+    _, model0, _ = initial_model(argv, image_folder)
+    ema_prev = model0.state_dict()                       # the EMA starts as a copy of the initial weights
+    for s in range(1, 5):
+        ck, k = ckpt(out, s), s - 1
+        d = min(0.2, (1 + k) / (10 + k))
+        moved = max((ck["model"][n] - ema_prev[n]).abs().max().item() for n in ck["model"])
+        assert moved > 1e-3                              # a wrong d would show by ~|w - ema| * 0.02
+        for name, w in ck["model"].items():
+            torch.testing.assert_close(ck["ema"][name], d * ema_prev[name] + (1 - d) * w, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"step {s} (d = {d:.4f}), {name}: {m}")
+        ema_prev = ck["ema"]
+
+
+def test_lr_warmup_is_logged_and_is_the_lr_adamw_stepped_with(image_folder, tmp_path):
+    """The logged lr follows lr * min(1, (k + 1) / warmup), k the step's 0-based index, and each
+    checkpoint's weights are the previous ones plus AdamW's step at that lr, rebuilt from the
+    moments the checkpoint saved: the optimiser used the lr that was logged."""
+    out, lr, warmup = tmp_path / "run", 1e-2, 3
+    argv = tiny_args(image_folder, out, "--model", "DiT-Mi/8", "--steps", "5", "--lr", str(lr), "--warmup-steps",
+                     str(warmup), "--log-every", "1", "--ckpt-every", "1", "--keep-ckpts", "0")
+    train.main(argv)
+    expected = [lr * min(1.0, (k + 1) / warmup) for k in range(5)]          # lr/3, 2lr/3, lr, lr, lr
+    assert [r["lr"] for r in train_log(out)] == pytest.approx(expected, rel=1e-12)
+    args, model0, _ = initial_model(argv, image_folder)
+    names = [n for n, _ in model0.named_parameters()]                        # the optimiser's order
+    prev = model0.state_dict()
+    beta1, beta2, eps = 0.9, args.adam_beta2, 1e-8
+    for s in range(1, 6):
+        ck = ckpt(out, s)
+        assert ck["opt"]["param_groups"][0]["lr"] == pytest.approx(expected[s - 1], rel=1e-12)
+        for i, name in enumerate(names):
+            st = ck["opt"]["state"][i]
+            n = int(st["step"])
+            assert n == s
+            m_hat = st["exp_avg"].double() / (1 - beta1 ** n)
+            v_hat = st["exp_avg_sq"].double() / (1 - beta2 ** n)
+            decayed = prev[name].double() * (1 - expected[s - 1] * args.weight_decay)
+            want = decayed - expected[s - 1] * m_hat / (v_hat.sqrt() + eps)
+            torch.testing.assert_close(ck["model"][name].double(), want, rtol=0, atol=2e-6,
+                                       msg=lambda m: f"step {s}, {name}: {m}")
+        prev = ck["model"]
+
+
+def test_grad_clip_bounds_the_gradient_adamw_saw(image_folder, tmp_path):
+    """Adam's step barely depends on the gradient's scale (the first is about lr * sign(g)), so the
+    weights cannot show clipping; AdamW's first moment can: exp_avg_1 = (1 - beta1) g_1 and
+    exp_avg_2 - beta1 exp_avg_1 = (1 - beta1) g_2, with g the gradient after clipping."""
+    clip = 1e-3
+
+    def grads(c):
+        out = tmp_path / f"clip{c}"
+        train.main(moving_args(image_folder, out, "--steps", "2", "--grad-clip", str(c), "--ckpt-every", "1",
+                               "--keep-ckpts", "0"))
+        m1, m2 = (torch.cat([st["exp_avg"].flatten() for st in ckpt(out, s)["opt"]["state"].values()]) for s in (1, 2))
+        return m1 / 0.1, (m2 - 0.9 * m1) / 0.1
+
+    raw1, raw2 = grads(0)
+    clipped1, clipped2 = grads(clip)
+    assert raw1.norm() > 10 * clip and raw2.norm() > 10 * clip          # clipping has something to do
+    assert clipped1.norm().item() == pytest.approx(clip, rel=1e-3)
+    assert clipped2.norm().item() == pytest.approx(clip, rel=1e-3)
+    # Step 1 (same weights, same batch): the clipped gradient is the raw one, scaled down.
+    torch.testing.assert_close(clipped1, raw1 * (clip / raw1.norm()), rtol=1e-3, atol=1e-10)
+
+
+def test_keep_ckpts_keeps_exactly_the_newest(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--model", "DiT-Mi/8", "--steps", "5", "--ckpt-every", "1", "--keep-ckpts", "2"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000004.pt", "step_0000005.pt"]
+    train.main(tiny_args(image_folder, out, "--model", "DiT-Mi/8", "--steps", "7", "--ckpt-every", "1", "--keep-ckpts",
+                         "2", "--resume"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000006.pt", "step_0000007.pt"]
+    assert load_checkpoint(str(out / "checkpoints" / "step_0000007.pt"))["step"] == 7
+
+
+# ----------------------------------------------------------------------------------------
+# Flags exercised through the command line, each with what it changes
+# ----------------------------------------------------------------------------------------
+
+def test_several_disp_blocks_average_their_terms(image_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = moving_args(image_folder, out, "--steps", "3", "--log-every", "1", "--ckpt-every", "1", "--disp-block", "1,3")
+    train.main(argv)
+    assert read_jsonl(out / "metrics.jsonl")[0]["disp_blocks"] == [1, 3]
+    rec = train_log(out)[-1]                  # step 3: trained twice, so the blocks differ
+    dist = rec["block_dist"]
+    assert len(dist) == 4 and dist[0] != pytest.approx(dist[2], rel=1e-3)
+    assert rec["mean_sq_dist"] == pytest.approx((dist[0] + dist[2]) / 2, rel=1e-6)
+    blocks = replay(argv, image_folder, out, 3)["blocks"]
+    d1, d3 = (dispersive_loss(blocks[b], group_size=4).item() for b in (1, 3))
+    assert abs(d1 - d3) > 1e-3 * abs(d1), (d1, d3)     # block 1 alone would log another number
+    assert rec["disp"] == pytest.approx((d1 + d3) / 2, rel=1e-5, abs=1e-7)
+    assert rec["total"] == pytest.approx(rec["flow"] + 0.5 * rec["disp"], rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["hinge", "covariance", "infonce_cos"])
+def test_disp_variant_reaches_the_loss(image_folder, tmp_path, variant):
+    out = tmp_path / "run"
+    argv = moving_args(image_folder, out, "--steps", "2", "--log-every", "1", "--ckpt-every", "1",
+                       "--disp-variant", variant)
+    train.main(argv)
+    G, tau = 4, 0.5
+    lo, hi = {"hinge": (0, 1), "covariance": (0, np.inf), "infonce_cos": (1 / tau - np.log(G), 1 / tau)}[variant]
+    for rec in train_log(out):                     # infonce_l2 would lie in [-log G, 0]
+        assert lo <= rec["disp"] <= hi and rec["disp"] != 0, rec
+    blocks = replay(argv, image_folder, out, 2)["blocks"]   # DiT-Mi: depth 4, so block 4 // 4 = 1
+    assert train_log(out)[-1]["disp"] == pytest.approx(dispersive_loss(blocks[1], variant, tau, group_size=G).item(),
+                                                       rel=1e-5, abs=1e-7)
+
+
+def test_unconditional_trains_a_null_only_table_and_samples(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(moving_args(image_folder, out, "--steps", "2", "--unconditional"))
+    ck = ckpt(out, 2)
+    assert ck["model_config"]["num_classes"] == 0 and ck["args"]["unconditional"] is True
+    assert ck["model"]["y_embed.table.weight"].shape == (1, 128)      # the null row alone
+    npz = tmp_path / "s.npz"                  # sample.py's main, in this process (a subprocess costs seconds)
+    sample.main(["--ckpt", str(out / "checkpoints" / "step_0000002.pt"), "--steps", "2", "--num-samples", "3",
+                 "--cfg-scale", "2", "--class-labels", "1", "--out", str(npz), "--device", "cpu"])
+    got = np.load(npz)
+    assert got["arr_0"].shape == (3, 16, 16, 3) and got["arr_1"].tolist() == [0, 0, 0]
+
+
+def test_sample_class_labels_and_raw_weights(image_folder, tmp_path):
+    """sample.py (its main, in this process) against generate() on the checkpoint's own weights:
+    --class-labels reach the model and the .npz, --raw-weights picks the raw weights, which
+    differ from the EMA's after a few steps."""
+    out = tmp_path / "run"
+    train.main(moving_args(image_folder, out, "--steps", "3", "--ema-decay", "0.9"))
+    path = str(out / "checkpoints" / "step_0000003.pt")
+    ck = load_checkpoint(path)
+
+    def run(name, *extra):
+        sample.main(["--ckpt", path, "--steps", "2", "--device", "cpu", "--out", str(tmp_path / name), *extra])
+        return np.load(tmp_path / name)
+
+    def expect(weights, labels):
+        model = sample.build_from_checkpoint(ck, weights).eval()
+        imgs = sample.generate(model, torch.tensor(labels), sample.euler, 2, generator=torch.Generator().manual_seed(0))
+        return imgs.permute(0, 2, 3, 1).numpy()
+
+    got = run("labels.npz", "--class-labels", "1,2", "--num-samples", "5")
+    assert got["arr_1"].tolist() == [1, 2, 1, 2, 1]
+    assert np.array_equal(got["arr_0"], expect("ema", [1, 2, 1, 2, 1]))
+    assert not np.array_equal(got["arr_0"], expect("ema", [0, 1, 2, 0, 1]))   # the labels matter to this model
+    ema, raw = run("ema.npz", "--num-samples", "6"), run("raw.npz", "--num-samples", "6", "--raw-weights")
+    assert np.array_equal(ema["arr_0"], expect("ema", [0, 1, 2, 0, 1, 2]))
+    assert np.array_equal(raw["arr_0"], expect("model", [0, 1, 2, 0, 1, 2]))
+    assert (ema["arr_0"] != raw["arr_0"]).mean() > 0.01
+    assert json.loads(str(raw["protocol"]))["ema"] is False and json.loads(str(ema["protocol"]))["ema"] is True
+
+
+def test_resume_drops_log_lines_written_after_the_last_checkpoint(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--model", "DiT-Mi/8", "--steps", "2", "--log-every", "1"))
+    with open(out / "metrics.jsonl", "a") as f:          # what a run killed before its next checkpoint logged
+        for rec in ({"type": "train", "step": 3, "flow": -1.0}, {"type": "fid", "step": 4, "value": -1.0},
+                    {"type": "train", "step": 4, "flow": -1.0}):
+            f.write(json.dumps(rec) + "\n")
+    train.main(tiny_args(image_folder, out, "--model", "DiT-Mi/8", "--steps", "4", "--log-every", "1", "--resume"))
+    log = read_jsonl(out / "metrics.jsonl")
+    assert [(r["type"], r["step"]) for r in log] == [("config", 0), ("train", 1), ("train", 2), ("config", 2),
+                                                    ("train", 3), ("train", 4)]
+    assert all(r.get("flow") != -1.0 and r.get("value") != -1.0 for r in log)
