@@ -15,7 +15,7 @@ import rundir
 import train
 from conftest import ROOT, make_image_folder, read_jsonl, run_script, tiny_args
 from rundir import list_checkpoints, load_checkpoint
-from utils import UserError
+from utils import UserError, run_main
 
 
 def fast_args(data, out, *extra):
@@ -257,8 +257,21 @@ def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
     (["--image-size", "-4"], "--image-size: must be an integer >= 1, got -4"),
     (["--ckpt-every", "0"], "--ckpt-every: must be an integer >= 1, got 0"),
 ])
-def test_bad_flags(image_folder, tmp_path, flags, message):
-    assert message in bad(tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--model", "DiT-Mi/4", *flags))
+def test_bad_flags(image_folder, tmp_path, flags, message, capsys):
+    """In this process (a subprocess per case cost 3-10 s): run_main's exit status 2 and the last
+    line on stderr. test_bad_flags_in_a_subprocess shows that the user sees no traceback."""
+    with pytest.raises(SystemExit) as exit:
+        run_main(lambda: train.main(tiny_args(image_folder, tmp_path / "o", "--steps", "1", *flags)))
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list_checkpoints(tmp_path / "o")
+
+
+def test_bad_flags_in_a_subprocess(image_folder, tmp_path):
+    assert "--disp-weight: must be a finite number >= 0, got -1" in bad(
+        tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--disp-weight", "-1"))
+    assert "--disp-group-size 3 does not divide" in bad(
+        tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--disp-group-size", "3"))
 
 
 def test_unwritable_output_and_existing_run(image_folder, tmp_path):
