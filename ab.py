@@ -9,15 +9,20 @@ For each seed every arm is trained with train.py's own main(): the weights, the 
 every step's noise are functions of (seed, step), so the baseline and dispersive arms differ only
 in the regulariser. Each run is then evaluated the same way, and a markdown table (mean and std
 over seeds, and the paired per-seed difference from the baseline) is printed and written to
-<root>/ab.md, with <root>/ab.json and plots of the runs' logs.
+<root>/ab.md, with <root>/ab.json and, where matplotlib is installed, <root>/curves.png, the runs'
+training curves (plots.py).
 
 Columns: the training flow loss (mean of the last 10 log lines); the EMA model's loss on a fixed
 evaluation batch (the same images, noise and times for every run; the objective's own loss,
 so lower is better, but it is not sample quality); the diagnostics of the regularised block
 (dispersive loss value and mean pairwise squared distance / d, logged for the baseline too);
 with --eval-samples a Frechet distance of EMA samples (fid.py: FID with the Inception
-extractor, FD-classifier with a classifier .pt, offline and not FID); with --probe the linear
-probe accuracy of each block (probe.py).
+extractor, FD-classifier with a classifier .pt, offline and not FID); with --probe the held-out
+accuracy of a linear probe of the EMA model's blocks (probe.py, with the null label) at each --probe-t:
+probe_best_t<t>, the best block's, and probe_reg_t<t>, the regularised block's (for the baseline the
+block its --disp-block names, the one the dispersive arm regularises; the mean if several). Every
+block's accuracy is in the probe's JSON next to the checkpoint (ab.json's probe_json) and in
+<root>/probe.png.
 A run directory that already holds the final checkpoint is not trained again.
 """
 import argparse
@@ -28,9 +33,12 @@ import numpy as np
 import torch
 
 import fid
+import plots
+import probe
 import train
 from data import load_dataset
 from objectives import OBJECTIVES
+from plots import arm_of, read_log
 from rundir import list_checkpoints, load_checkpoint
 from sample import load_model, sampler
 from utils import UserError, number, pick_device, run_main
@@ -39,25 +47,7 @@ from utils import UserError, number, pick_device, run_main
 ARMS = {"baseline": lambda w: ["--disp-weight", "0"],
         "dispersive": lambda w: ["--disp-weight", str(w)],
         "contrastive": lambda w: ["--objective", "contrastive", "--disp-weight", str(w)]}
-KEYS = ("run", "arm", "seed", "step")
-
-
-def read_log(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise UserError(f"{run_dir!r} is not a run directory (no metrics.jsonl)")
-    with open(path) as f:
-        recs = [json.loads(l) for l in f if l.strip()]
-    if not recs or recs[0].get("type") != "config":
-        raise UserError(f"{path!r} does not start with a config line")
-    return recs[0], [r for r in recs if r.get("type") == "train"], [r for r in recs if r.get("type") == "fid"]
-
-
-def arm_of(config):
-    a = config["args"]
-    if a.get("objective", "flow") == "contrastive":
-        return "contrastive"
-    return "baseline" if a["disp_weight"] == 0 else "dispersive"
+KEYS = ("run", "arm", "seed", "step", "probe_json")     # a row's fields that are not table columns
 
 
 @torch.no_grad()
@@ -112,6 +102,14 @@ def evaluate(run_dir, args, cache):
                                 seed=args.sample_seed, device=dev)
         row[fid.fid_name(info, args.eval_samples)] = fid.frechet_distance(
             *fid.statistics(fid.features(fn, images, device=dev)), mu, sigma)
+    if args.probe:
+        res = probe.probe(ckpts[0], ts=args.probe_t, train_samples=args.probe_train_samples,
+                          test_samples=args.probe_test_samples, device=dev, data=data)
+        row["probe_json"] = res["out"]
+        for t in args.probe_t:
+            acc = {r["block"]: r["accuracy"] for r in res["rows"] if r["t"] == t}
+            row[f"probe_best_t{t:g}"] = max(acc.values())
+            row[f"probe_reg_t{t:g}"] = float(np.mean([acc[b] for b in res["disp_blocks"]]))
     return row
 
 
@@ -174,6 +172,11 @@ def main(argv=None):
     a("--cfg-scale", type=number(float), default=1.0, help="guidance scale of the evaluation samples")
     a("--sample-seed", type=int, default=0, help="noise seed for the evaluation samples (the same for every run)")
     a("--eval-device", default="auto", help="device for the evaluation: auto, cpu, cuda, cuda:N, mps")
+    a("--probe", action="store_true", help="also a linear probe of every block of each run's newest checkpoint "
+      "(probe.py): columns probe_best_t<t> and probe_reg_t<t>, and <root>/probe.png")
+    a("--probe-t", default="0.9,0.5", help="the probe's noise levels, comma-separated, in [0, 1] (1 = data)")
+    a("--probe-train-samples", type=number(int, min=2), default=5000, help="training images the probe is fitted on")
+    a("--probe-test-samples", type=number(int, min=1), default=2000, help="other training images it is scored on")
     args, train_args = p.parse_known_args(argv)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
@@ -182,6 +185,7 @@ def main(argv=None):
                         "use its own flags")
     if args.eval_samples == 1:
         raise UserError("--eval-samples must be 0 or at least 2")
+    args.probe_t = probe.parse_floats(args.probe_t, "--probe-t")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARMS for a in arms):
         raise UserError(f"--arms {args.arms!r}: choose among {', '.join(ARMS)}")
@@ -220,9 +224,21 @@ def main(argv=None):
         f.write(md + "\n")
     with open(os.path.join(args.root, "ab.json"), "w") as f:
         json.dump({"rows": rows, "train_args": train_args, "steps": args.steps, "eval_samples": args.eval_samples,
-                   "extractor": args.extractor if args.eval_samples else None, "cfg_scale": args.cfg_scale}, f, indent=1)
+                   "extractor": args.extractor if args.eval_samples else None, "cfg_scale": args.cfg_scale,
+                   "probe": {"t": args.probe_t, "train_samples": args.probe_train_samples,
+                             "test_samples": args.probe_test_samples} if args.probe else None}, f, indent=1)
     print(md)
-    print(f"wrote {os.path.join(args.root, 'ab.md')} and ab.json")
+    written = ["ab.md", "ab.json"]
+    if plots.have_matplotlib():
+        plots.curves(run_dirs, os.path.join(args.root, "curves.png"))
+        written.append("curves.png")
+        probes = [r["probe_json"] for r in rows if "probe_json" in r]
+        if probes:
+            plots.probe_figure(probes, os.path.join(args.root, "probe.png"))
+            written.append("probe.png")
+    else:
+        print("no plots: they need matplotlib (pip install matplotlib)")
+    print(f"wrote {', '.join(written)} to {args.root}")
     return rows
 
 

@@ -8,6 +8,7 @@ import torch
 
 import ab
 import data
+import plots
 import train
 from conftest import read_jsonl, tiny_args
 from rundir import list_checkpoints, load_checkpoint
@@ -29,7 +30,9 @@ def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch
     targs = tiny_args(image_folder, "unused", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "0")
     i = targs.index("--out")
     targs = targs[:i] + targs[i + 2:]
-    rows = ab.main(["--steps", "3", "--seeds", "0,1", "--disp-weight", "0.5", "--root", str(root), "--", *targs])
+    probe_args = ["--probe", "--probe-t", "0.9,0.5", "--probe-train-samples", "16", "--probe-test-samples", "8"]
+    rows = ab.main(["--steps", "3", "--seeds", "0,1", "--disp-weight", "0.5", "--root", str(root), *probe_args,
+                    "--", *targs])
     printed = capsys.readouterr().out
 
     # four runs: each seed trained both arms, over the very same batches
@@ -57,24 +60,38 @@ def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()[2:]}
     header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
     by = {(r["arm"], r["seed"]): r for r in saved["rows"]}
-    for metric in ("flow", "ema_flow", "disp_diag", "mean_sq_dist"):
+    probe_cols = [f"probe_{k}_t{t}" for t in ("0.9", "0.5") for k in ("best", "reg")]
+    assert header[3:] == ["flow", "disp_diag", "mean_sq_dist", "ema_flow", *probe_cols]
+    for metric in ("flow", "ema_flow", "disp_diag", "mean_sq_dist", *probe_cols):
         col = header.index(metric) - 1
         for arm in ("baseline", "dispersive"):
             vals = [by[(arm, s)][metric] for s in (0, 1)]
             assert table[arm][col] == f"{np.mean(vals):.4g} ± {np.std(vals, ddof=1):.2g}"
         diffs = [by[("dispersive", s)][metric] - by[("baseline", s)][metric] for s in (0, 1)]
         assert table["Δ dispersive - baseline, paired"][col] == f"{np.mean(diffs):.4g} ± {np.std(diffs, ddof=1):.2g}"
-        assert diffs[0] != 0 and diffs[1] != 0
+        if metric not in probe_cols:        # 8 held-out images: the probe's accuracies may tie
+            assert diffs[0] != 0 and diffs[1] != 0
     assert table["baseline"][:2] == ["0,1", "3"]
+    # the probe columns are the probe's own results: its JSON next to each newest checkpoint
+    for r in saved["rows"]:
+        res = json.load(open(r["probe_json"]))
+        assert r["probe_json"] == list_checkpoints(r["run"])[0] + ".probe.json" and res["disp_blocks"] == [1]
+        for t in (0.9, 0.5):
+            acc = {p["block"]: p["accuracy"] for p in res["rows"] if p["t"] == t}
+            assert sorted(acc) == [1, 2, 3, 4]
+            assert r[f"probe_best_t{t}"] == max(acc.values()) and r[f"probe_reg_t{t}"] == acc[1]
+    # the figures (where matplotlib is installed): the runs' curves and the probe accuracies
+    figures = [(root / f).is_file() for f in ("curves.png", "probe.png")]
+    assert figures == [plots.have_matplotlib()] * 2
 
     # --compare re-evaluates existing runs without training, to the same table;
     # re-running the A/B itself finds the runs done and trains nothing either
     def no_training(argv):
         raise AssertionError("trained again")
     monkeypatch.setattr(train, "main", no_training)
-    ab.main(["--compare", *[str(root / n) for n in names], "--root", str(tmp_path / "cmp")])
+    ab.main(["--compare", *[str(root / n) for n in names], "--root", str(tmp_path / "cmp"), *probe_args])
     assert (tmp_path / "cmp" / "ab.md").read_text() == md
-    ab.main(["--steps", "3", "--seeds", "0,1", "--root", str(root), "--", *targs])
+    ab.main(["--steps", "3", "--seeds", "0,1", "--root", str(root), *probe_args, "--", *targs])
     assert (root / "ab.md").read_text() == md
 
 
@@ -85,5 +102,7 @@ def test_ab_bad_input(tmp_path):
         ab.main(["--steps", "2", "--root", str(tmp_path), "--", "--seed", "3"])
     with pytest.raises(UserError, match="not a run directory"):
         ab.main(["--compare", str(tmp_path), "--root", str(tmp_path / "x")])
+    with pytest.raises(UserError, match="--probe-t '0.9,2'"):
+        ab.main(["--steps", "2", "--probe", "--probe-t", "0.9,2", "--root", str(tmp_path)])
     with pytest.raises(UserError, match="--arms 'baseline,nope'"):
         ab.main(["--steps", "2", "--arms", "baseline,nope", "--root", str(tmp_path)])

@@ -1,0 +1,284 @@
+"""Figures of what dispersion does over training and to the representations, from runs' logs and
+probe.py's results: the baseline and the dispersive arm side by side.
+
+    python plots.py runs/ab/baseline_s0 runs/ab/dispersive_s0 --out curves.png
+    python plots.py runs/ab/*_s* --out curves.png --probe-json runs/ab/*/checkpoints/*.probe.json
+
+curves (--out): against the training step, the flow loss; the dispersive diagnostic disp_diag
+(train.py logs it for the baseline too); each block's mean squared pairwise distance / d (log
+scale); each block's rms norm. Whether a block is "dispersed" because its outputs moved apart
+or because they grew shows in the last two side by side.
+probe (--probe-out, with --probe-json): probe.py's held-out accuracy per block, one panel per
+noise level t, with the pixel baseline and the chance rate.
+
+One colour per arm (arm_of: baseline if disp_weight is 0, dispersive, contrastive), block by
+block in shades of it (darker = deeper) with the regularised block(s) drawn thick. Runs of the
+same arm (and weight and objective) are taken as seeds of it: their mean is drawn, and the
+seeds' min to max as a light band (error bars in the probe figure).
+
+matplotlib is optional (pip install matplotlib) and draws to files only (the Agg backend). The
+reading of a run's log lives here too (read_log, arm_of), so ab.py and probe.py share it.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+from utils import UserError, run_main
+
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+ARM_ORDER = ("baseline", "dispersive", "contrastive")
+DPI = 100
+CURVES_SIZE = (12, 8.5)       # inches: 1200 x 850 pixels at DPI
+
+
+# ----------------------------------------------------------------------------------------
+# Runs and their arms
+# ----------------------------------------------------------------------------------------
+
+def read_log(run_dir):
+    """(config line, train lines, fid lines) of a run directory's metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir!r} is not a run directory (no metrics.jsonl)")
+    with open(path) as f:
+        recs = [json.loads(l) for l in f if l.strip()]
+    if not recs or recs[0].get("type") != "config":
+        raise UserError(f"{path!r} does not start with a config line")
+    return recs[0], [r for r in recs if r.get("type") == "train"], [r for r in recs if r.get("type") == "fid"]
+
+
+def arm_of(config):
+    a = config["args"]
+    if a.get("objective", "flow") == "contrastive":
+        return "contrastive"
+    return "baseline" if a["disp_weight"] == 0 else "dispersive"
+
+
+def labels_of(kinds):
+    """kinds: [(arm, objective, disp_weight)] -> a label each: the arm, plus the weight where one
+    arm has several, plus the objective where it is not flow matching's."""
+    weights = {}
+    for arm, _, w in kinds:
+        weights.setdefault(arm, set()).add(w)
+    return [(f"{obj} " if obj not in ("flow", "contrastive") else "") + arm
+            + (f" λ={w:g}" if arm != "baseline" and len(weights[arm]) > 1 else "") for arm, obj, w in kinds]
+
+
+def group(items, kind):
+    """items -> [(label, [items])], grouped by labels_of(kind(item)), arms in ARM_ORDER."""
+    labels = labels_of([kind(it) for it in items])
+    groups = {}
+    for label, it in zip(labels, items):
+        groups.setdefault(label, []).append(it)
+    order = lambda lab: (min(ARM_ORDER.index(kind(it)[0]) for it in groups[lab]), lab)
+    return [(lab, groups[lab]) for lab in sorted(groups, key=order)]
+
+
+def shade(colour, block, depth):
+    """The arm's colour, lighter for shallow blocks: mixed with white, 35% colour for block 1 up to 100%."""
+    from matplotlib.colors import to_rgb
+    mix = 0.35 + 0.65 * (block / depth if depth > 1 else 1.0)
+    return tuple(1 - mix * (1 - c) for c in to_rgb(colour))
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def have_matplotlib():
+    try:
+        pyplot()
+        return True
+    except UserError:
+        return False
+
+
+def seed_text(seeds):
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of seeds {','.join(map(str, seeds))}"
+
+
+# ----------------------------------------------------------------------------------------
+# Training curves
+# ----------------------------------------------------------------------------------------
+
+def seed_mean(runs, value):
+    """(steps, mean, min, max) over the runs of one group at the steps they all logged;
+    value(log line) -> a number."""
+    steps = sorted(set.intersection(*[{r["step"] for r in logs} for _, logs in runs]))
+    at = [{r["step"]: value(r) for r in logs} for _, logs in runs]
+    vals = np.array([[a[s] for s in steps] for a in at], dtype=float)      # (runs, steps)
+    return np.array(steps), vals.mean(0), vals.min(0), vals.max(0)
+
+
+def curves(run_dirs, out):
+    """The figure of the runs' training logs, written to out (PNG). Returns the series it drew:
+    {panel: {(label,) or (label, block): (steps, values)}}, values the mean over the group's seeds."""
+    plt = pyplot()
+    runs = []
+    for d in run_dirs:
+        config, logs, _ = read_log(d)
+        if not logs:
+            raise UserError(f"{d!r} has no training log lines")
+        runs.append((config, logs))
+    kind = lambda run: (arm_of(run[0]), run[0]["args"].get("objective", "flow"), run[0]["args"]["disp_weight"])
+    fig, axes = plt.subplots(2, 2, figsize=CURVES_SIZE, dpi=DPI)
+    panels = [("flow", "flow loss (training batch)", False), ("disp_diag", "dispersive loss of the regularised "
+              "block(s), disp_diag", False), ("block_dist", "mean squared pairwise distance / d, per block", True),
+              ("block_rms", "rms norm ||z|| / sqrt(d), per block", False)]
+    drawn = {name: {} for name, _, _ in panels}
+    for gi, (label, members) in enumerate(group(runs, kind)):
+        colour = COLOURS[gi % len(COLOURS)]
+        seeds = sorted(c["args"]["seed"] for c, _ in members)
+        name = f"{label} ({seed_text(seeds)})"
+        reg = set(members[0][0].get("disp_blocks", [])) if members[0][0]["args"]["disp_weight"] > 0 else set()
+        depth = len(members[0][1][0].get("block_dist", []))
+        named = lambda b: depth <= 6 or b in (1, depth) or b in reg     # a legend of 12 blocks per arm is no help
+        for (key, _, _), ax in zip(panels, axes.flat):
+            if key in ("flow", "disp_diag"):
+                series = [((label,), colour, 1.6, name, lambda r, key=key: r[key])]
+            else:
+                series = [((label, b), shade(colour, b, depth), 3.0 if b in reg else 1.2,
+                           f"{label} block {b}" + (" (regularised)" if b in reg else "") if named(b) else None,
+                           lambda r, key=key, b=b: r[key][b - 1]) for b in range(1, depth + 1)]
+            for k, c, lw, lab, value in series:
+                steps, mean, lo, hi = seed_mean(members, value)
+                ax.plot(steps, mean, color=c, lw=lw, label=lab)
+                if len(members) > 1:
+                    ax.fill_between(steps, lo, hi, color=c, alpha=0.15, lw=0)
+                drawn[key][k] = (steps.tolist(), mean.tolist())
+    floors = {floor_of(c) for c, _ in runs} - {None}
+    for G in sorted(floors):       # the InfoNCE-L2 form's floor: all pairs of a group infinitely far apart
+        axes.flat[1].axhline(-np.log(G), color="0.5", ls=":", lw=1, label=f"floor -log G (groups of G = {G})")
+    for (key, title, log_y), ax in zip(panels, axes.flat):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        if log_y:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=2 if key in ("block_dist", "block_rms") else 1)
+    what = sorted({f"{c['args']['data']}, {c['args']['model']}" for c, _ in runs})
+    fig.suptitle(f"{'; '.join(what)}. Per block: darker = deeper, thick = the regularised block", fontsize=11)
+    fig.tight_layout()
+    save(fig, out)
+    plt.close(fig)
+    return drawn
+
+
+def floor_of(config):
+    """G of the log's disp_diag (train.log_values: the training groups, or the whole per-process batch)
+    for the InfoNCE-L2 form, whose value lies in [-log G, 0]; None for the other forms."""
+    a = config["args"]
+    if a.get("disp_variant", "infonce_l2") != "infonce_l2":
+        return None
+    local = a["batch_size"] // config.get("world_size", 1)
+    G = a.get("disp_group_size", 0)
+    return G if G and local % G == 0 else local
+
+
+def save(fig, out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+
+
+# ----------------------------------------------------------------------------------------
+# Probe accuracy per block
+# ----------------------------------------------------------------------------------------
+
+def read_probe(path):
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read probe result {path!r} ({e})") from None
+    if "rows" not in res or "pixels" not in res:
+        raise UserError(f"{path!r} is not a result of probe.py")
+    return res
+
+
+def probe_figure(results, out):
+    """Held-out probe accuracy per block, one panel per t, one line per arm (mean over seeds, min
+    to max as error bars); results: probe.py results (dicts) or paths to their JSON. Returns the
+    series it drew: {t: {label: (blocks, mean accuracy)}}."""
+    plt = pyplot()
+    results = [read_probe(r) if isinstance(r, str) else r for r in results]
+    if not results:
+        raise UserError("no probe results to plot")
+    ts = sorted({r["t"] for res in results for r in res["rows"]}, reverse=True)
+    kind = lambda res: (res.get("arm") or "baseline", res.get("objective", "flow"), res.get("disp_weight") or 0)
+    depth = max(res["depth"] for res in results)
+    fig, axes = plt.subplots(1, len(ts), figsize=(max(6.0, 1.1 * depth + 3) * len(ts), 4.8), dpi=DPI, squeeze=False)
+    drawn = {}
+    for ax, t in zip(axes[0], ts):
+        drawn[t] = {}
+        reg = set()
+        for gi, (label, members) in enumerate(group(results, kind)):
+            accs = {}
+            for res in members:
+                for r in res["rows"]:
+                    if r["t"] == t:
+                        accs.setdefault(r["block"], []).append(r["accuracy"])
+            blocks = sorted(accs)
+            mean = [float(np.mean(accs[b])) for b in blocks]
+            err = np.array([[m - min(accs[b]) for b, m in zip(blocks, mean)],
+                            [max(accs[b]) - m for b, m in zip(blocks, mean)]])
+            seeds = sorted(res.get("seed") for res in members)
+            ax.errorbar(blocks, mean, yerr=err if len(members) > 1 else None, color=COLOURS[gi % len(COLOURS)],
+                        marker="o", capsize=3, lw=1.6, label=f"{label} ({seed_text(seeds)})")
+            drawn[t][label] = (blocks, mean)
+            if members[0].get("disp_weight"):
+                reg |= set(members[0]["disp_blocks"])
+        for b in sorted(reg):
+            ax.axvspan(b - 0.2, b + 0.2, color="0.88", zorder=0, label="regularised block" if b == min(reg) else None)
+        pix = [p["accuracy"] for res in results for p in res["pixels"] if p["t"] == t]
+        if pix:
+            ax.axhline(np.mean(pix), color="0.3", ls="--", lw=1, label="linear probe on the input x_t")
+        # the axis spans the accuracies (differences of a point or two matter), chance only if near them
+        chance = float(np.mean([res["chance"] for res in results]))
+        shown = [a for _, (_, m) in drawn[t].items() for a in m] + pix
+        lo, hi = max(0.0, min(shown) - 0.04), min(1.0, max(shown) + 0.04)
+        if chance >= lo - 0.1:
+            ax.axhline(chance, color="0.5", ls=":", lw=1, label="chance")
+            lo = min(lo, chance - 0.02)
+        ax.set_ylim(lo, hi)
+        ax.set_xticks(range(1, depth + 1))
+        ax.set_xlabel("block")
+        ax.set_ylabel("held-out top-1 accuracy")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"t = {t:g} (1 = data): {results[0]['train_samples']} fit / {results[0]['test_samples']} held "
+                     f"out, null label; chance {chance:.3f}", fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    save(fig, out)
+    plt.close(fig)
+    return drawn
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("runs", nargs="*", metavar="RUN_DIR", help="run directories (train.py's --out) whose metrics.jsonl to plot")
+    a("--out", default="curves.png", help="PNG of the training curves")
+    a("--probe-json", nargs="+", default=[], metavar="JSON", help="probe.py results to plot as accuracy per block")
+    a("--probe-out", default=None, help="PNG of the probe accuracies (default: probe.png next to --out)")
+    args = p.parse_args(argv)
+    if not args.runs and not args.probe_json:
+        raise UserError("give run directories and/or --probe-json files")
+    if args.runs:
+        curves(args.runs, args.out)
+        print(f"wrote {args.out}")
+    if args.probe_json:
+        out = args.probe_out or os.path.join(os.path.dirname(args.out), "probe.png")
+        probe_figure(args.probe_json, out)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,86 @@
+"""plots.py: the figures are written at their size, and what they draw is the logs' and the probe
+results' numbers (seeds of one arm averaged)."""
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import plots
+import probe
+import train
+from conftest import make_image_folder, read_jsonl, tiny_args
+from utils import UserError
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A baseline over two seeds and a dispersive run, 3 steps each, a log line every step."""
+    images = make_image_folder(tmp_path_factory.mktemp("images"))
+    root = tmp_path_factory.mktemp("runs")
+    dirs = {}
+    for name, extra in [("baseline_s0", ["--disp-weight", "0", "--seed", "0"]),
+                        ("baseline_s1", ["--disp-weight", "0", "--seed", "1"]),
+                        ("dispersive_s0", ["--disp-weight", "0.5", "--seed", "0"])]:
+        dirs[name] = str(root / name)
+        train.main(tiny_args(images, dirs[name], "--steps", "3", "--log-every", "1", "--lr", "1e-3", *extra))
+    return dirs
+
+
+def train_lines(run_dir):
+    return [r for r in read_jsonl(f"{run_dir}/metrics.jsonl") if r["type"] == "train"]
+
+
+def test_curves_draw_the_log(runs, tmp_path):
+    out = tmp_path / "curves.png"
+    drawn = plots.curves(list(runs.values()), str(out))
+    assert Image.open(out).size == (int(plots.CURVES_SIZE[0] * plots.DPI), int(plots.CURVES_SIZE[1] * plots.DPI))
+    disp, b0, b1 = (train_lines(runs[n]) for n in ("dispersive_s0", "baseline_s0", "baseline_s1"))
+    assert [r["step"] for r in disp] == [1, 2, 3]
+    for key in ("flow", "disp_diag"):
+        assert drawn[key][("dispersive",)] == ([1, 2, 3], [r[key] for r in disp])
+        steps, mean = drawn[key][("baseline",)]                   # two seeds: their mean
+        assert steps == [1, 2, 3] and mean == pytest.approx([(a[key] + b[key]) / 2 for a, b in zip(b0, b1)], rel=1e-12)
+    for key in ("block_dist", "block_rms"):
+        assert sorted(drawn[key]) == sorted((arm, b) for arm in ("baseline", "dispersive") for b in range(1, 5))
+        for b in range(1, 5):
+            assert drawn[key][("dispersive", b)] == ([1, 2, 3], [r[key][b - 1] for r in disp])
+            assert drawn[key][("baseline", b)][1] == pytest.approx([(x[key][b - 1] + y[key][b - 1]) / 2
+                                                                     for x, y in zip(b0, b1)], rel=1e-12)
+    assert disp[0]["disp"] < 0 and all(r["disp"] == 0 for r in b0)       # the arms are what their labels say
+
+
+def test_probe_figure_and_cli(runs, tmp_path):
+    paths = []
+    for name, d in runs.items():
+        res = probe.probe(d, ts=(0.9, 0.5), train_samples=16, test_samples=8, stats_samples=8,
+                          out=str(tmp_path / f"{name}.probe.json"))
+        paths.append(res["out"])
+    out = tmp_path / "probe.png"
+    drawn = plots.probe_figure(paths, str(out))
+    w, h = Image.open(out).size
+    assert h == int(4.8 * plots.DPI) and w > h
+    results = {name: json.load(open(p)) for name, p in zip(runs, paths)}
+    acc = lambda name, t: [r["accuracy"] for r in sorted(results[name]["rows"], key=lambda r: r["block"]) if r["t"] == t]
+    for t in (0.9, 0.5):
+        assert drawn[t]["dispersive"] == ([1, 2, 3, 4], acc("dispersive_s0", t))
+        assert drawn[t]["baseline"][1] == pytest.approx(np.mean([acc("baseline_s0", t), acc("baseline_s1", t)], axis=0))
+
+    # the command line: both figures
+    plots.main([*runs.values(), "--out", str(tmp_path / "cli" / "c.png"), "--probe-json", *paths])
+    assert Image.open(tmp_path / "cli" / "c.png").size[0] == int(plots.CURVES_SIZE[0] * plots.DPI)
+    assert (tmp_path / "cli" / "probe.png").stat().st_size > 0
+
+
+def test_plots_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="not a run directory"):
+        plots.curves([str(tmp_path)], str(tmp_path / "x.png"))
+    with pytest.raises(UserError, match="give run directories"):
+        plots.main([])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)         # as if it were not installed
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        plots.pyplot()
+    assert not plots.have_matplotlib()
