@@ -4,9 +4,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One thread per process, for this process and the scripts the tests start: the models are tiny,
+# and two OpenMP threads on a machine whose other core is busy (a training run, another test
+# process) wait on each other at every small op (measured: the suite took 29 min instead of 6).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def make_image_folder(root, classes=3, per_class=8, size=16, mode="RGB", seed=0):
