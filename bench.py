@@ -232,7 +232,7 @@ def main(argv=None):
     print(f"{args.model}, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
           f"{macs / 1e9:.3f} GMACs forward per image; median of {args.rounds} rounds of {args.steps} steps "
           f"after {args.warmup} warmup steps; "
-          f"objective {args.objective}; sampling: {args.sample_steps} {sampler(args.objective)[1]} steps, "
+          f"objective {args.objective}; sampling: {args.sample_steps} steps of {sampler(args.objective)[1]}, "
           f"batch {args.sample_batch}, no guidance")
     table(["training", "disp weight", "ms / step", "images/s", "TFLOP/s", "MFU", "dispersive overhead",
            "warmup s", "peak mem GB (both)"], train_rows)

@@ -10,7 +10,7 @@ import torch
 import diffusion
 import probe
 import train
-from conftest import make_image_folder, run_script, tiny_args
+from conftest import make_image_folder, present, run_script, tiny_args
 from data import load_dataset
 from loss import block_stats
 from rundir import list_checkpoints
@@ -102,7 +102,7 @@ def test_cli_writes_rows_and_block_stats(tiny_run, tmp_path):
     assert [row["mean_sq_dist"], row["rms"]] == pytest.approx(by_hand_stats(ckpt, images, 2, 0.5, "flow"), rel=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "meanflow", "contrastive"])
+@pytest.mark.parametrize("objective", present("diffusion", "meanflow", "contrastive"))
 def test_other_objectives(tiny_run, tmp_path, objective):
     images, _ = tiny_run
     out = tmp_path / objective

@@ -9,7 +9,7 @@ import torch
 
 import sample
 import train
-from conftest import ROOT, read_jsonl, run_script, tiny_args
+from conftest import ROOT, present, read_jsonl, run_script, tiny_args
 from data import BatchStream, Batches, _read_idx, load_dataset
 from loss import dispersive_loss
 from model import build_model
@@ -83,10 +83,10 @@ def test_smoke_train_checkpoint_resume_sample(image_folder, tmp_path):
     assert npz["arr_1"].tolist() == [0, 1, 2, 0, 1, 2, 0]
 
 
-@pytest.mark.parametrize("objective", ["flow", "meanflow"])
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_resume_is_exact(image_folder, tmp_path, objective):
     full, part = tmp_path / "full", tmp_path / "part"
-    obj = ("--objective", objective, "--mf-ratio", "0.5") if objective == "meanflow" else ()
+    obj = ("--objective", objective, *(("--mf-ratio", "0.5") if objective == "meanflow" else ()))
     train.main(tiny_args(image_folder, full, "--steps", "8", "--keep-ckpts", "0", *obj))
     train.main(tiny_args(image_folder, part, "--steps", "3", *obj))
     train.main(tiny_args(image_folder, part, "--steps", "8", "--resume", *obj))
@@ -168,7 +168,7 @@ def test_missing_cifar_names_the_flag(tmp_path):
 # The loop's glue: every rank's share of a step's randomness, EMA, lr, clipping, pruning
 # ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective", ["flow", "meanflow"])
+@pytest.mark.parametrize("objective", present("flow", "meanflow"))
 def test_every_random_draw_of_a_step_is_the_ranks_slice_of_the_global_draw(image_folder, objective):
     """Batches for 2 and for 4 ranks, joined, are the 1-process batch: the samples, their flips,
     and every draw of the objective (eps, t, label drops; MeanFlow's r too)."""
