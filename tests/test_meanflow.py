@@ -294,3 +294,14 @@ def test_unscaled_time_embedding():
 def test_default_sampler_is_one_jump():
     from sample import sampler
     assert sampler("meanflow")[1:] == ("meanflow", 1) and sampler("meanflow", "heun", 4)[1:] == ("heun", 4)
+
+
+@pytest.mark.slow
+def test_bench_times_the_meanflow_step():
+    """MeanFlow's step (a JVP, 10 forward MACs per image) and its 1-jump sampling."""
+    r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8",
+                   "--steps", "1", "--rounds", "1", "--warmup", "1", "--sample-batches", "1", "--objective", "meanflow",
+                   "--disp-group-size", "0")
+    assert r.returncode == 0, r.stderr
+    assert "objective meanflow; sampling: 1 steps of meanflow" in r.stdout
+    assert len([l for l in r.stdout.splitlines() if l.startswith("| eager |")]) == 3

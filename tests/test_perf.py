@@ -120,18 +120,6 @@ def ddp_flags(objective, group_size, steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", present("meanflow"))
-def test_bench_times_other_objectives(objective):
-    """MeanFlow's step (a JVP, 10 forward MACs per image) and its 1-jump sampling."""
-    r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8",
-                   "--steps", "1", "--rounds", "1", "--warmup", "1", "--sample-batches", "1", "--objective", objective,
-                   "--disp-group-size", "0")
-    assert r.returncode == 0, r.stderr
-    assert f"objective {objective}; sampling: 1 steps of meanflow" in r.stdout
-    assert len([l for l in r.stdout.splitlines() if l.startswith("| eager |")]) == 3
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("objective", present("flow", "meanflow"))
 def test_ddp_on_two_cpu_processes_matches_one_and_resumes_on_one(image_folder, tmp_path, objective):
     """Both ranks draw the noise of the whole global batch and take their halves, so 2
