@@ -146,11 +146,12 @@ def log_values(losses, reg):
     blocks = losses["blocks"]
     diag = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
                                            for b in reg.blocks]).mean()
-    dist, rms = zip(*(block_stats(blocks[b]) for b in sorted(blocks)))
+    stats = {b: block_stats(blocks[b]) for b in sorted(blocks)}          # (distance, rms) of every block
     return {"flow": losses["flow"], "disp": losses["disp"], "total": losses["total"],
             "disp_diag": diag(reg.group_size), "disp_diag_batch": diag(0),
-            "mean_sq_dist": torch.stack([block_stats(blocks[b])[0] for b in reg.blocks]).mean(),
-            "block_dist": torch.stack(dist), "block_rms": torch.stack(rms)}
+            "mean_sq_dist": torch.stack([stats[b][0] for b in reg.blocks]).mean(),
+            "block_dist": torch.stack([s[0] for s in stats.values()]),
+            "block_rms": torch.stack([s[1] for s in stats.values()])}
 
 
 def main(argv=None):
