@@ -41,7 +41,7 @@ from objectives import OBJECTIVES
 from plots import arm_of, read_log
 from rundir import list_checkpoints, load_checkpoint
 from sample import load_model, sampler
-from utils import UserError, number, pick_device, run_main
+from utils import HelpFormatter, UserError, number, pick_device, run_main
 
 # The arms: train.py flags on top of the common ones. W is --disp-weight's value.
 ARMS = {"baseline": lambda w: ["--disp-weight", "0"],
@@ -153,7 +153,7 @@ def table(rows):
 
 def main(argv=None):
     # allow_abbrev off: train.py flags after "--" must never be taken for a prefix of ours
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 allow_abbrev=False)
     a = p.add_argument
     a("--steps", type=number(int, min=1), default=None, help="training budget in steps, per run (needed unless --compare)")

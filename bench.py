@@ -32,7 +32,7 @@ from data import Batches, ImageSet
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import generate, sampler
-from utils import UserError, number, pick_device, run_main
+from utils import HelpFormatter, UserError, number, pick_device, run_main
 
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets (the "with sparsity"
 # figures are twice these). Matched against torch.cuda.get_device_name, first hit wins.
@@ -147,7 +147,7 @@ def make_sample_batch(args, device, compile_model):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     pos = number(int, min=1)
     a("--model", default="DiT-S/2", choices=list(MODELS), metavar="MODEL", help=f"model size: {', '.join(MODELS)}")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import center_crop, list_image_folder
 from latents import DEFAULT_VAE, encode, load_vae
-from utils import UserError, pick_device, run_main
+from utils import HelpFormatter, UserError, pick_device, run_main
 
 
 # ----------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def write_json(obj, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--data-path", required=True, help="ImageFolder-layout directory: one sub-directory of images per class")
     a("--out", required=True, help="output directory for moments.npy, labels.npy, files.txt and meta.json")

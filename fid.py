@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from data import IMAGE_EXTS, load_dataset
 from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
-from utils import UserError, number, pick_device, run_main
+from utils import HelpFormatter, UserError, number, pick_device, run_main
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -308,7 +308,7 @@ def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
 # ----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--samples", default=None, help="images to score: sample.py's .npz (arr_0 uint8 NHWC) or a directory of images")
     a("--ckpt", default=None, help="or a checkpoint: fid.py draws --num-samples images from it first")

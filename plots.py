@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from utils import UserError, run_main
+from utils import HelpFormatter, UserError, run_main
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 ARM_ORDER = ("baseline", "dispersive", "contrastive")
@@ -262,7 +262,7 @@ def probe_figure(results, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("runs", nargs="*", metavar="RUN_DIR", help="run directories (train.py's --out) whose metrics.jsonl to plot")
     a("--out", default="curves.png", help="PNG of the training curves")

@@ -47,7 +47,7 @@ from objectives import OBJECTIVES
 from plots import arm_of
 from rundir import list_checkpoints
 from sample import load_model
-from utils import UserError, autocast, number, pick_device, run_main
+from utils import HelpFormatter, UserError, autocast, number, pick_device, run_main
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def table(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint written by train.py, or a run directory (its newest checkpoint)")
     a("--blocks", default="all", help="blocks to probe, counted from 1: N,M,... or 'all'")

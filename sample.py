@@ -23,7 +23,7 @@ import latents
 from model import build_model
 from objectives import OBJECTIVES
 from rundir import load_checkpoint
-from utils import UserError, autocast, number, pick_device, run_main
+from utils import HelpFormatter, UserError, autocast, number, pick_device, run_main
 
 
 # ----------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def parse_labels(text, num_classes):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint written by train.py")
     a("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")

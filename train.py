@@ -26,11 +26,11 @@ from loss import VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import generate, grid_labels, sampler, save_grid
-from utils import UserError, autocast, barrier, init_distributed, mean_over_gpus, number, run_main
+from utils import HelpFormatter, UserError, autocast, barrier, init_distributed, mean_over_gpus, number, run_main
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("the method: dispersive loss (the paper's settings; loss.py)")
     g.add_argument("--disp-weight", type=number(float, min=0), default=0.5, help="lambda; 0 trains the baseline")
     g.add_argument("--disp-tau", type=number(float, above=0), default=0.5, help="temperature tau")

@@ -26,6 +26,16 @@ def run_main(main):
         sys.exit(130)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every flag's default (unless the help text
+    already says it, or there is none to show)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def number(kind=float, min=None, max=None, above=None, below=None):
     """An argparse type: a finite int or float within the given bounds (min / max inclusive,
     above / below exclusive). A value outside them is a one-line usage error, exit status 2."""
