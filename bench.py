@@ -4,6 +4,7 @@
     python bench.py --model DiT-B/2 --compile          # eager and torch.compile, side by side
     python bench.py --device cpu --model DiT-Mi/4 --batch-size 16 --steps 3 --warmup 1
     python bench.py --objective meanflow --compile     # MeanFlow's step (its JVP) and 1-step sampling
+    python bench.py --compile --profile 5              # and where the time of 5 compiled steps goes
 
 Each row times the very step train.py runs (batch from the device-resident data set, flips,
 noise, bf16 autocast on CUDA, forward, backward, clipping, fused AdamW, EMA), once with the
@@ -109,7 +110,50 @@ def timed(fns, warmup, steps, rounds, device):
     return [statistics.median(times) for times in per_call], warm
 
 
-def make_train_step(args, device, disp_weight, compile_model):
+KERNEL_KINDS = [("attention", ("flash", "fmha", "attention", "sdpa")),     # first: cuDNN's are wgmma too
+                ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma")),
+                ("fused elementwise (triton)", ("triton",))]
+
+
+def kernel_kind(name):
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile(fn, sec_per_step, device, steps=None, top=15):
+    """Where the device time of `steps` calls of fn goes: the top kernels, their kinds (matrix
+    products and attention are compute bound; the fused elementwise kernels move bytes), and
+    how much of the measured step time the GPU was busy at all (far below 100%: the step is
+    bound by kernel launches and the host, not by the GPU)."""
+    from torch.profiler import ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(steps):
+            fn(100_000 + i)
+        sync(device)
+    if device.type != "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+        return
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name, by_kind = {}, {}
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        calls, total = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (calls + 1, total + us)
+        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + us
+    busy_ms = sum(by_kind.values()) / 1000 / steps
+    print(f"\nprofile of {steps} steps: {len(kernels) / steps:.0f} kernels per step; GPU busy {busy_ms:.2f} ms "
+          f"of the {1000 * sec_per_step:.2f} ms measured per step ({100 * busy_ms / (1000 * sec_per_step):.0f}%)")
+    table(["kernel kind", "ms / step", "share of busy"],
+          [[k, f"{v / 1000 / steps:.2f}", f"{100 * v / 1000 / steps / busy_ms:.0f}%"]
+           for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])])
+    table(["top kernels", "calls / step", "ms / step", "share of busy"],
+          [[name[:90].replace("|", "/"), f"{c / steps:g}", f"{v / 1000 / steps:.3f}", f"{100 * v / 1000 / steps / busy_ms:.1f}%"]
+           for name, (c, v) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]])
+
+
+def make_train_step(args, device, disp_weight, mode):
     """A fresh model, EMA, optimiser and objective, built as train.py builds them, and a function
     that runs training step i with train.py's own train_step on random uint8 images that live
     on the device, as a data set does (step i reads batch i % 4 of one epoch)."""
@@ -121,25 +165,27 @@ def make_train_step(args, device, disp_weight, compile_model):
                             "--disp-weight", str(disp_weight), "--disp-tau", str(args.disp_tau),
                             "--disp-group-size", str(args.disp_group_size), "--data", "folder", "--warmup-steps", "0",
                             *(["--disp-block", str(args.disp_block)] if args.disp_block else []),
-                            *(["--compile"] if compile_model else [])])
+                            *(["--compile"] if mode != "eager" else [])])
     model, ema, opt, objective = train.build(targs, data, device)
-    net = torch.compile(model) if compile_model else model
+    net = torch.compile(model) if mode == "compile" else model
+    # "compile-loss": one graph for the whole loss (inputs, forward, flow and dispersive terms)
+    loss_fn = torch.compile(objective.__call__) if mode == "compile-loss" else objective
     batches = Batches(data, args.batch_size // objective.views, 0, objective.draw, device)
 
     def step(i):
-        train.train_step(net, model, ema, opt, objective, batches(i % batches.stream.steps_per_epoch), targs.lr,
+        train.train_step(net, model, ema, opt, loss_fn, batches(i % batches.stream.steps_per_epoch), targs.lr,
                          min(targs.ema_decay, (1 + i) / (10 + i)), targs.grad_clip)
     return step, objective
 
 
-def make_sample_batch(args, device, compile_model):
+def make_sample_batch(args, device, mode):
     torch.manual_seed(0)
     Objective = OBJECTIVES[args.objective]
     model = build_model(args.model, args.image_size, args.channels, args.num_classes,
                         cls=Objective.model_class).to(device).eval()
     for p in model.parameters():   # a fresh DiT outputs exactly 0; give it weights that do something
         torch.nn.init.normal_(p, std=0.02)
-    net = torch.compile(model) if compile_model else model
+    net = torch.compile(model) if mode != "eager" else model
     labels = torch.arange(args.sample_batch, device=device) % args.num_classes
     gen = torch.Generator(device).manual_seed(0)
     solver, _, _ = sampler(args.objective, None, args.sample_steps)
@@ -161,6 +207,7 @@ def get_args(argv=None):
     a("--disp-block", type=pos, default=None, help="block whose output is dispersed (default: depth // 4)")
     a("--disp-group-size", type=number(int, min=0), default=16, help="dispersive group size, as train.py's")
     a("--compile", action="store_true", help="also time torch.compile'd models (the first warmup steps compile)")
+    a("--compile-loss", action="store_true", help="also time the whole loss compiled as one graph (training only)")
     a("--steps", type=pos, default=10, help="timed training steps per round")
     a("--rounds", type=pos, default=3, help="rounds of --steps steps; the median round is reported")
     a("--warmup", type=number(int, min=0), default=5, help="untimed steps before timing (compilation happens here)")
@@ -168,6 +215,8 @@ def get_args(argv=None):
     a("--sample-steps", type=pos, default=None, help="sampling steps per batch (default: the objective's)")
     a("--sample-batch", type=pos, default=None, help="images per sampling batch (default: --batch-size)")
     a("--sample-batches", type=number(int, min=0), default=2, help="timed sampling batches (0: do not time sampling)")
+    a("--profile", type=number(int, min=0), default=0, help="profile this many training steps (dispersive "
+      "weight on, the last mode) and print where the device time goes (0: do not)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--peak-tflops", type=number(float, above=0), default=None,
       help="the device's peak dense FLOP/s in TFLOP/s for MFU (default: known GPUs; MFU is n/a otherwise)")
@@ -202,30 +251,6 @@ def main(argv=None):
     def mem():
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
 
-    modes = ["eager", "compile"] if args.compile else ["eager"]
-    train_rows, sample_rows = [], []
-    for mode in modes:
-        fresh()
-        weights = (0.0, args.disp_weight)
-        steps, objectives = zip(*[make_train_step(args, device, w, mode == "compile") for w in weights])
-        secs, warms = timed(steps, args.warmup, args.steps, args.rounds, device)
-        peak_mem = mem()    # of the two models together
-        for w, sec, warm in zip(weights, secs, warms):
-            flops = objectives[0].flops_per_forward_mac * macs * args.batch_size / sec
-            over = f"{100 * (sec - secs[0]) / secs[0]:+.1f}%" if w else "-"
-            train_rows.append([mode, f"{w:g}", f"{1000 * sec:.1f}", f"{args.batch_size / sec:.0f}",
-                               f"{flops / 1e12:.3g}", fmt_mfu(flops), over, f"{warm:.0f}", peak_mem])
-        del steps, objectives
-        if args.sample_batches:
-            fresh()
-            sample = make_sample_batch(args, device, mode == "compile")
-            (sec,), (warm,) = timed([sample], 1, args.sample_batches, 1, device)
-            ips = args.sample_batch / sec
-            flops = 2 * macs * args.sample_steps * ips
-            sample_rows.append([mode, f"{ips:.0f}", f"{50_000 / ips:.0f}", f"{flops / 1e12:.3g}", fmt_mfu(flops),
-                                f"{warm:.0f}", mem()])
-            del sample
-
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"device: {device_name(device)}; torch {torch.__version__} (CUDA {torch.version.cuda}); {precision}; "
           f"peak {f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}")
@@ -234,17 +259,46 @@ def main(argv=None):
           f"after {args.warmup} warmup steps; "
           f"objective {args.objective}; sampling: {args.sample_steps} steps of {sampler(args.objective)[1]}, "
           f"batch {args.sample_batch}, no guidance")
+    # Each row is printed as soon as it is measured: a run stopped by a time limit keeps its rows.
+    modes = ["eager"] + ["compile"] * args.compile + ["compile-loss"] * args.compile_loss
     table(["training", "disp weight", "ms / step", "images/s", "TFLOP/s", "MFU", "dispersive overhead",
-           "warmup s", "peak mem GB (both)"], train_rows)
-    if sample_rows:
-        table(["sampling", "images/s", "50K images, s", "TFLOP/s", "MFU", "warmup s", "peak mem GB"], sample_rows)
+           "warmup s", "peak mem GB (both)"])
+    for mode in modes:
+        fresh()
+        weights = (0.0, args.disp_weight)
+        steps, objectives = zip(*[make_train_step(args, device, w, mode) for w in weights])
+        secs, warms = timed(steps, args.warmup, args.steps, args.rounds, device)
+        peak_mem = mem()    # of the two models together
+        for w, sec, warm in zip(weights, secs, warms):
+            flops = objectives[0].flops_per_forward_mac * macs * args.batch_size / sec
+            over = f"{100 * (sec - secs[0]) / secs[0]:+.1f}%" if w else "-"
+            row([mode, f"{w:g}", f"{1000 * sec:.1f}", f"{args.batch_size / sec:.0f}",
+                 f"{flops / 1e12:.3g}", fmt_mfu(flops), over, f"{warm:.0f}", peak_mem])
+        if args.profile and mode == modes[-1]:
+            profile(steps[-1], secs[-1], device, steps=args.profile)
+        del steps, objectives
+    sample_modes = [m for m in modes if m != "compile-loss"] if args.sample_batches else []
+    if sample_modes:
+        table(["sampling", "images/s", "50K images, s", "TFLOP/s", "MFU", "warmup s", "peak mem GB"])
+    for mode in sample_modes:
+        fresh()
+        sample = make_sample_batch(args, device, mode)
+        (sec,), (warm,) = timed([sample], 1, args.sample_batches, 1, device)
+        ips = args.sample_batch / sec
+        flops = 2 * macs * args.sample_steps * ips
+        row([mode, f"{ips:.0f}", f"{50_000 / ips:.0f}", f"{flops / 1e12:.3g}", fmt_mfu(flops), f"{warm:.0f}", mem()])
+        del sample
 
 
-def table(head, rows):
-    """A Markdown table, ready to paste into the README."""
+def table(head, rows=()):
+    """A Markdown table, ready to paste into the README (its rows now, or later through row())."""
     print()
     for r in [head, ["---"] * len(head), *rows]:
-        print("| " + " | ".join(r) + " |")
+        row(r)
+
+
+def row(cells):
+    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

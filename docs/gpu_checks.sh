@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# Every GPU measurement docs/speed.md asks for, in one call, for a session that has a GPU for a
-# few minutes:
-#     bash docs/gpu_checks.sh OUT_DIR        # 3 checks, each capped at 180 s: under 10 minutes in all
+# Every GPU measurement docs/speed.md asks for, in one call of about 5 minutes, for a session
+# that has a GPU for a few minutes:
+#     bash docs/gpu_checks.sh OUT_DIR [CIFAR_ZIP]
 # Writes one text file per check into OUT_DIR and prints their tables. bench.py times train.py's
-# own build() and train_step(). Nothing here is needed for CI or the tests.
+# own build() and train_step(); --profile adds where the compiled step's GPU time goes. The last
+# check trains DiT-S/2 on CIFAR-10 with train.py itself for 300 steps (its JPEG copy, unzipped
+# from CIFAR_ZIP; skipped without it), to show the real command runs on a GPU. Nothing here is
+# needed for CI or the tests.
 set -u
 out=${1:-gpu_results}
+zip=${2:-}
+py=${PYTHON:-python3}          # the device image's python3 holds its PyTorch
+export PYTHONUNBUFFERED=1
 mkdir -p "$out"
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" > "$out/nvidia-smi.txt"
-python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$out/versions.txt" 2>&1
+{ nvidia-smi; $py -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } \
+    > "$out/env.txt" 2>&1
+tail -1 "$out/env.txt"
 
-check() {   # check NAME COMMAND...: run it with a time limit, keep its output and exit status
-    local name=$1; shift
+check() {   # check NAME SECONDS COMMAND...: run it with a time limit, keep its output and exit status
+    local name=$1 limit=$2; shift 2
     echo "== $name: $*"
-    timeout 180 "$@" > "$out/$name.txt" 2>&1
-    echo "exit status $?" >> "$out/$name.txt"
-    grep -E '^(\||device|DiT|exit)' "$out/$name.txt"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    echo "exit status $? after $((SECONDS - t0)) s" >> "$out/$name.txt"
+    grep -E '^(\||device|DiT|profile|exit|step|Traceback|[A-Za-z]*Error)' "$out/$name.txt"
 }
 # The targets: S/2 >= 40% MFU, B/2 >= 50%, dispersive overhead <= 1%, 50K S/2 samples (50 Euler steps) <= 90 s
-check s2_compile python bench.py --model DiT-S/2 --compile --sample-batch 1024 --sample-batches 2
-check b2_compile python bench.py --model DiT-B/2 --compile --sample-batches 0
-# MeanFlow: the cost of its JVP step, and 1-step sampling
-check s2_meanflow python bench.py --model DiT-S/2 --objective meanflow --compile --sample-batch 1024
+check s2 200 $py bench.py --model DiT-S/2 --compile --warmup 3 --sample-batch 1024 --sample-batches 2 --profile 5
+check b2 130 $py bench.py --model DiT-B/2 --compile --warmup 3 --sample-batches 0 --profile 3
+if [ -n "$zip" ]; then
+    rm -rf /tmp/cifar && $py -m zipfile -e "$zip" /tmp/cifar
+    check train 90 $py train.py --data folder --data-path /tmp/cifar/train --model DiT-S/2 --batch-size 256 \
+        --steps 300 --log-every 50 --sample-every 300 --ckpt-every 300 --out /tmp/e2e --device cuda
+    cp /tmp/e2e/metrics.jsonl "$out/train_metrics.jsonl" 2>/dev/null
+    cp /tmp/e2e/samples/step_0000300.png "$out/train_grid.png" 2>/dev/null
+fi
+# MeanFlow's step (its JVP) and 1-step sampling: only when the session has time for it
+if [ -n "${MEANFLOW:-}" ]; then
+    check s2_meanflow 180 $py bench.py --model DiT-S/2 --objective meanflow --compile --warmup 3 --sample-batch 1024
+fi

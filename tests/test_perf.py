@@ -60,13 +60,25 @@ def test_compiled_model_matches_eager():
     print(f"compiling the tiny model took {took:.1f} s")
 
 
+def test_profile_sorts_kernels_into_kinds():
+    """Kernel names seen on an H200 (bench.py --profile): cuDNN's attention kernels also say wgmma,
+    and must count as attention, not as matrix products."""
+    import bench
+    seen = {"nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_splitK_NTN": "matmul",
+            "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1": "attention",
+            "triton_poi_fused_gelu_gelu_backward_view_10": "fused elementwise (triton)",
+            "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other"}
+    assert {name: bench.kernel_kind(name) for name in seen} == seen
+
+
 @pytest.mark.slow
 def test_bench_runs_on_cpu_and_prints_its_table():
     r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8",
                    "--steps", "1", "--rounds", "1", "--warmup", "1", "--sample-steps", "2", "--sample-batches", "1",
-                   "--peak-tflops", "1", "--disp-group-size", "4")
+                   "--peak-tflops", "1", "--disp-group-size", "4", "--profile", "1")
     assert r.returncode == 0, r.stderr
     out = r.stdout
+    assert "Self CPU time total" in out     # the profile (on a CPU: torch.profiler's table of operators)
     assert "device: cpu" in out and f"torch {torch.__version__}" in out and "DiT-Mi/4" in out
     assert "| training | disp weight |" in out and "| sampling | images/s |" in out
     rows = [l for l in out.splitlines() if l.startswith("| eager |")]
