@@ -234,6 +234,8 @@ def stop_on_signals():
 
 def agree_to_stop(stop, device):
     """Under DDP every rank must stop at the same step: true if any rank has seen a signal."""
+    if not torch.distributed.is_initialized():    # one process: no round trip to the device, which
+        return stop["signal"] is not None          # would make the host wait for every step
     flag = all_reduce(torch.tensor([stop["signal"] is not None], device=device, dtype=torch.int), "max")
     if flag.item() and stop["signal"] is None:
         stop["signal"] = "a signal on another rank"
