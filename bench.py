@@ -110,9 +110,11 @@ def timed(fns, warmup, steps, rounds, device):
     return [statistics.median(times) for times in per_call], warm
 
 
-KERNEL_KINDS = [("attention", ("flash", "fmha", "attention", "sdpa")),     # first: cuDNN's are wgmma too
-                ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma")),
-                ("fused elementwise (triton)", ("triton",))]
+# The first kind whose key is in a kernel's name wins: Inductor's kernels are all triton_*
+# whatever they fuse, and cuDNN's attention kernels also say wgmma.
+KERNEL_KINDS = [("fused elementwise (triton)", ("triton",)),
+                ("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma"))]
 
 
 def kernel_kind(name):
@@ -123,8 +125,9 @@ def kernel_kind(name):
 def profile(fn, sec_per_step, device, steps=None, top=15):
     """Where the device time of `steps` calls of fn goes: the top kernels, their kinds (matrix
     products and attention are compute bound; the fused elementwise kernels move bytes), and
-    how much of the measured step time the GPU was busy at all (far below 100%: the step is
-    bound by kernel launches and the host, not by the GPU)."""
+    how much of the step time measured without the profiler the GPU was busy at all (near 100%:
+    the kernels bound the step; far below: launches and the host do). Copies and memsets count
+    as kernels here: they occupy the GPU too."""
     from torch.profiler import ProfilerActivity
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -143,7 +146,7 @@ def profile(fn, sec_per_step, device, steps=None, top=15):
         by_name[e.name] = (calls + 1, total + us)
         by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + us
     busy_ms = sum(by_kind.values()) / 1000 / steps
-    print(f"\nprofile of {steps} steps: {len(kernels) / steps:.0f} kernels per step; GPU busy {busy_ms:.2f} ms "
+    print(f"\nprofile of {steps} steps: {len(kernels) / steps:.0f} kernels (and copies) per step; GPU busy {busy_ms:.2f} ms "
           f"of the {1000 * sec_per_step:.2f} ms measured per step ({100 * busy_ms / (1000 * sec_per_step):.0f}%)")
     table(["kernel kind", "ms / step", "share of busy"],
           [[k, f"{v / 1000 / steps:.2f}", f"{100 * v / 1000 / steps / busy_ms:.0f}%"]
@@ -216,7 +219,8 @@ def get_args(argv=None):
     a("--sample-batch", type=pos, default=None, help="images per sampling batch (default: --batch-size)")
     a("--sample-batches", type=number(int, min=0), default=2, help="timed sampling batches (0: do not time sampling)")
     a("--profile", type=number(int, min=0), default=0, help="profile this many training steps (dispersive "
-      "weight on, the last mode) and print where the device time goes (0: do not)")
+      "weight on; the compile mode if timed, as train.py --compile runs it, else eager) and print where the "
+      "device time goes (0: do not)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--peak-tflops", type=number(float, above=0), default=None,
       help="the device's peak dense FLOP/s in TFLOP/s for MFU (default: known GPUs; MFU is n/a otherwise)")
@@ -274,7 +278,7 @@ def main(argv=None):
             over = f"{100 * (sec - secs[0]) / secs[0]:+.1f}%" if w else "-"
             row([mode, f"{w:g}", f"{1000 * sec:.1f}", f"{args.batch_size / sec:.0f}",
                  f"{flops / 1e12:.3g}", fmt_mfu(flops), over, f"{warm:.0f}", peak_mem])
-        if args.profile and mode == modes[-1]:
+        if args.profile and mode == ("compile" if args.compile else "eager"):
             profile(steps[-1], secs[-1], device, steps=args.profile)
         del steps, objectives
     sample_modes = [m for m in modes if m != "compile-loss"] if args.sample_batches else []

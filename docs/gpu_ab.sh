@@ -35,7 +35,7 @@
 #     717K images, 14.3 epochs of the 50K, per arm. Rather a few steps fewer than a cut: a run
 #     stopped by the time limit has no final grid, and the two arms would stop at different steps.
 # Schedule for ~3000 steps (the same for both arms): lr 1e-4 constant, as the paper, but
-# --warmup-steps 0 (DiT's and SiT's recipe, which the paper follows; train.py's default 1000 would spend a third
+# --warmup-steps 0 (the paper states a constant lr 1e-4, as DiT and SiT train; train.py's default 1000 would spend a third
 # of this run below the full rate; --grad-clip stays at train.py's 1.0, which guards the
 # start). The EMA keeps --ema-decay 0.9999 with train.py's ramp min(decay, (1+s)/(10+s)): the
 # ramp rules the whole run (0.9999 is reached at s ~ 90K), at s = 2800 the decay is 0.9968 and

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement docs/speed.md asks for, in one call of about 5 minutes, for a session
+# Every GPU measurement docs/speed.md asks for, in one call of about 6 minutes, for a session
 # that has a GPU for a few minutes:
 #     bash docs/gpu_checks.sh OUT_DIR [CIFAR_ZIP]
 # Writes one text file per check into OUT_DIR and prints their tables. bench.py times train.py's
