@@ -87,6 +87,7 @@ def evaluate(run_dir, args, cache):
         cache[key] = {"data": load_dataset(*key)}
     data, dev = cache[key]["data"], args.device
     ckpt, model, objective, _ = load_model(ckpts[0], "ema", dev)
+    row["step"] = ckpt["step"]     # the step evaluated: later than the last log line if a signal stopped the run
     row["ema_flow"] = ema_loss(model, objective, ckpt["args"], data, device=dev)
     if args.eval_samples:
         if data.images is None:

@@ -25,6 +25,7 @@ import gc
 import platform
 import statistics
 import time
+from collections import Counter
 
 import torch
 
@@ -122,7 +123,7 @@ def kernel_kind(name):
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
-def profile(fn, sec_per_step, device, steps=None, top=15):
+def profile(fn, sec_per_step, steps, device, top=15):
     """Where the device time of `steps` calls of fn goes: the top kernels, their kinds (matrix
     products and attention are compute bound; the fused elementwise kernels move bytes), and
     how much of the step time measured without the profiler the GPU was busy at all (near 100%:
@@ -138,22 +139,27 @@ def profile(fn, sec_per_step, device, steps=None, top=15):
     if device.type != "cuda":
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
         return
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name, by_kind = {}, {}
-    for e in kernels:
-        us = e.time_range.elapsed_us()
-        calls, total = by_name.get(e.name, (0, 0.0))
-        by_name[e.name] = (calls + 1, total + us)
-        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + us
-    busy_ms = sum(by_kind.values()) / 1000 / steps
-    print(f"\nprofile of {steps} steps: {len(kernels) / steps:.0f} kernels (and copies) per step; GPU busy {busy_ms:.2f} ms "
-          f"of the {1000 * sec_per_step:.2f} ms measured per step ({100 * busy_ms / (1000 * sec_per_step):.0f}%)")
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    print_kernels(kernels, steps, sec_per_step, top)
+
+
+def print_kernels(kernels, steps, sec_per_step, top=15):
+    """The profile's tables from (kernel name, microseconds) pairs of `steps` steps."""
+    calls, by_name, by_kind = Counter(), Counter(), Counter()     # microseconds summed per name and kind
+    for name, us in kernels:
+        calls[name] += 1
+        by_name[name] += us
+        by_kind[kernel_kind(name)] += us
+    ms = lambda us: us / 1000 / steps                                # per step
+    busy = ms(sum(by_kind.values()))
+    print(f"\nprofile of {steps} steps: {len(kernels) / steps:.0f} kernels (and copies) per step; GPU busy {busy:.2f} ms "
+          f"of the {1000 * sec_per_step:.2f} ms measured per step ({100 * busy / (1000 * sec_per_step):.0f}%)")
     table(["kernel kind", "ms / step", "share of busy"],
-          [[k, f"{v / 1000 / steps:.2f}", f"{100 * v / 1000 / steps / busy_ms:.0f}%"]
-           for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])])
+          [[k, f"{ms(v):.2f}", f"{100 * ms(v) / busy:.0f}%"] for k, v in by_kind.most_common()])
     table(["top kernels", "calls / step", "ms / step", "share of busy"],
-          [[name[:90].replace("|", "/"), f"{c / steps:g}", f"{v / 1000 / steps:.3f}", f"{100 * v / 1000 / steps / busy_ms:.1f}%"]
-           for name, (c, v) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]])
+          [[name[:90].replace("|", "/"), f"{calls[name] / steps:g}", f"{ms(v):.3f}", f"{100 * ms(v) / busy:.1f}%"]
+           for name, v in by_name.most_common(top)])
 
 
 def make_train_step(args, device, disp_weight, mode):
@@ -279,7 +285,7 @@ def main(argv=None):
             row([mode, f"{w:g}", f"{1000 * sec:.1f}", f"{args.batch_size / sec:.0f}",
                  f"{flops / 1e12:.3g}", fmt_mfu(flops), over, f"{warm:.0f}", peak_mem])
         if args.profile and mode == ("compile" if args.compile else "eager"):
-            profile(steps[-1], secs[-1], device, steps=args.profile)
+            profile(steps[-1], secs[-1], args.profile, device)
         del steps, objectives
     sample_modes = [m for m in modes if m != "compile-loss"] if args.sample_batches else []
     if sample_modes:

@@ -233,7 +233,7 @@ for arm in ("baseline", "dispersive"):
           f"first log line; {config.get('device')}")
 if len(set(scored.values())) > 1:
     print(f"\nWARNING: the arms stopped at different steps {scored} (the time limit cut them): not an equal-budget "
-          f"comparison. The table's steps column is the last log step, not the checkpoint scored.")
+          f"comparison.")
 if eval_samples and os.path.exists(clf):
     import torch
     ck = torch.load(clf, map_location="cpu", weights_only=True)

@@ -71,6 +71,17 @@ def test_profile_sorts_kernels_into_kinds():
     assert {name: bench.kernel_kind(name) for name in seen} == seen
 
 
+def test_profile_tables_add_up(capsys):
+    """Two steps of known kernel times: per-step sums, shares and the busy fraction."""
+    import bench
+    step = [("nvjet_gemm", 600.0), ("triton_poi_fused_gelu_0", 300.0), ("triton_poi_fused_gelu_0", 100.0)]
+    bench.print_kernels(step * 2, steps=2, sec_per_step=0.002)      # 1.0 ms of kernels in a 2.0 ms step
+    out = capsys.readouterr().out
+    assert "3 kernels (and copies) per step; GPU busy 1.00 ms of the 2.00 ms measured per step (50%)" in out
+    assert "| matmul | 0.60 | 60% |" in out and "| fused elementwise (triton) | 0.40 | 40% |" in out
+    assert "| triton_poi_fused_gelu_0 | 2 | 0.400 | 40.0% |" in out      # calls per step, summed over calls
+
+
 @pytest.mark.slow
 def test_bench_runs_on_cpu_and_prints_its_table():
     r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8",
