@@ -57,9 +57,12 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
                 the D of two independent unit-variance vectors, which is 2.
     covariance  sum of squared off-diagonal entries of the d x d covariance of the batch
                 features, each feature standardised over the batch first (so the entries
-                are correlations), divided by d as VICReg does, so the scale does not grow
-                with the feature size. The d x d matrix is never formed: its squared
-                Frobenius norm equals that of the B x B Gram matrix of the samples.
+                are correlations), divided by d as VICReg does. With d > B (always, here)
+                the correlations have rank <= B - 1 and trace d, so the value cannot fall
+                below d / (B - 1) - 1 (about 6,550 for S/2's block, d = 98,304, B = 16):
+                compare its changes, not its size, with the other variants. The d x d matrix
+                is never formed: its squared Frobenius norm equals that of the B x B Gram
+                matrix of the samples.
 
     group_size G > 0: the loss is computed within consecutive groups of G samples and averaged
     over the groups, B above being G. The paper computed it per device with no gather, and its
@@ -83,7 +86,7 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
         if G < 2:  # nothing to disperse; keep z in the graph so callers can backprop
             return z.sum() * 0.0
         d = z.shape[-1]
-        if variant == "infonce_l2":
+        if variant == "infonce_l2":   # distances per dimension (/ d): tau means the same at any size
             logits = -pairwise_sq_dists(z) / (d * tau)
             per_group = torch.logsumexp(logits.flatten(1), dim=1) - 2.0 * math.log(G)
         elif variant == "infonce_cos":

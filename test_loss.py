@@ -144,6 +144,18 @@ def test_covariance_hand_cases():
     assert dispersive_loss(z.float(), "covariance").item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_covariance_floor_when_features_outnumber_samples():
+    """d >> B, as for any block output: B samples give correlations of rank <= B - 1 and trace d,
+    so the value is at least d / (B - 1) - 1, whatever the samples; random ones land just above."""
+    torch.manual_seed(0)
+    B, d = 16, 4096
+    floor = d / (B - 1) - 1
+    for z in (torch.randn(B, d), torch.randn(B, d) * torch.linspace(0.1, 10, d), torch.randn(B, 3).repeat(1, d // 3)):
+        value = dispersive_loss(z, "covariance").item()
+        assert value >= floor * (1 - 1e-4)
+    assert dispersive_loss(torch.randn(B, d), "covariance").item() == pytest.approx(floor, rel=0.01)
+
+
 def test_unknown_variant():
     with pytest.raises(ValueError, match="unknown dispersive variant"):
         dispersive_loss(torch.randn(2, 3), "nope")

@@ -1,6 +1,6 @@
 """Train a DiT with flow matching plus the dispersive loss on one block's hidden states.
 
-    python train.py --disp-weight 0.5                  # CIFAR-10, DiT-S/2, the paper's settings
+    python train.py --disp-weight 0.5                  # CIFAR-10, DiT-S/2, the paper's lambda, tau, block
     python train.py --disp-weight 0                    # the baseline
     torchrun --nproc_per_node 8 train.py ...           # several GPUs (DDP)
 
@@ -31,7 +31,8 @@ from utils import HelpFormatter, UserError, autocast, barrier, init_distributed,
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("the method: dispersive loss (the paper's settings; loss.py)")
+    g = p.add_argument_group("the method: dispersive loss (the paper's settings; loss.py). The optimisation "
+                             "defaults are not all the paper's: README.md's table says which differ")
     g.add_argument("--disp-weight", type=number(float, min=0), default=0.5, help="lambda; 0 trains the baseline")
     g.add_argument("--disp-tau", type=number(float, above=0), default=0.5, help="temperature tau")
     g.add_argument("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or "
