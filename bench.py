@@ -183,7 +183,8 @@ def make_train_step(args, device, disp_weight, mode):
 
     def step(i):
         train.train_step(net, model, ema, opt, loss_fn, batches(i % batches.stream.steps_per_epoch), targs.lr,
-                         min(targs.ema_decay, (1 + i) / (10 + i)), targs.grad_clip)
+                         min(targs.ema_decay, (1 + i) / (10 + i)), targs.grad_clip,
+                         extra_blocks=train.blocks_to_return(model.depth, mode != "eager", log_now=False))
     return step, objective
 
 

@@ -125,9 +125,11 @@ def out_from_resume(resume):
     raise UserError(f"--resume {resume!r} is a checkpoint outside a run directory; say where the run continues with --out")
 
 
-def prepare(out, resume, main_proc):
-    """Check and create the run directory. Returns (checkpoint path, checkpoint) to resume from,
-    or (None, None) for a fresh run, which must not land on an existing run's checkpoints."""
+def prepare(out, resume):
+    """Check the run directory before anything is loaded or built; create nothing yet, so that a
+    run that fails to start leaves no empty directory behind. Returns (checkpoint path,
+    checkpoint) to resume from, or (None, None) for a fresh run, which must not land on an
+    existing run's checkpoints."""
     resume_path, ckpt = None, None
     if resume is not None:
         resume_path, ckpt = find_resume_checkpoint(resume or out)
@@ -140,21 +142,30 @@ def prepare(out, resume, main_proc):
     elif list_checkpoints(out):
         raise UserError(f"run directory {out!r} already has checkpoints; add --resume to continue it, "
                         f"or choose another --out")
-    if main_proc:
-        try:
-            for sub in ("checkpoints", "samples"):
-                os.makedirs(os.path.join(out, sub), exist_ok=True)
-            probe = os.path.join(out, ".write_test")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise UserError(f"cannot write to --out {out!r}: {e.strerror}") from None
-        for tmp in glob.glob(os.path.join(out, "checkpoints", "*.tmp*")):
-            os.remove(tmp)                          # half-written by a process that was killed
-        log_path = os.path.join(out, "metrics.jsonl")
-        if ckpt is None and os.path.exists(log_path):   # a fresh start never appends to an old log
-            os.replace(log_path, os.path.join(out, f"metrics.{int(time.time())}.jsonl"))
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):                 # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --out {out!r}: {existing!r} is not a writable directory")
     return resume_path, ckpt
+
+
+def create(out, fresh, main_proc):
+    """Create the run directory (just before the first line of the log): its subdirectories,
+    minus the temporary files of a process that was killed mid-write; a fresh run moves an old
+    metrics.jsonl aside rather than append to it."""
+    if not main_proc:
+        return
+    try:
+        for sub in ("checkpoints", "samples"):
+            os.makedirs(os.path.join(out, sub), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out!r}: {e.strerror}") from None
+    for tmp in glob.glob(os.path.join(out, "checkpoints", "*.tmp*")):
+        os.remove(tmp)
+    log_path = os.path.join(out, "metrics.jsonl")
+    if fresh and os.path.exists(log_path):
+        os.replace(log_path, os.path.join(out, f"metrics.{int(time.time())}.jsonl"))
 
 
 def restore(ckpt, path, model, ema, opt, model_config, args, main_proc):

@@ -207,8 +207,11 @@ def main(argv=None):
     if note:
         print(f"warning: {note}", file=sys.stderr)
     K = model.num_classes
+    if not K and (args.class_labels is not None or args.cfg_scale != 1):
+        raise UserError(f"{'--class-labels' if args.class_labels is not None else '--cfg-scale'}: this checkpoint's "
+                        f"model is unconditional (trained with --unconditional): it takes no labels, so no guidance")
     nrow = args.nrow or (min(K, 16) if K else 8)
-    if args.class_labels is not None and K > 0:
+    if args.class_labels is not None:
         base = parse_labels(args.class_labels, K)
         n = args.num_samples or len(base) * (8 if not args.out.endswith(".npz") else 1)
         labels = base.repeat(math.ceil(n / len(base)))[:n]

@@ -60,6 +60,21 @@ def test_compiled_model_matches_eager():
     print(f"compiling the tiny model took {took:.1f} s")
 
 
+def test_compiled_training_compiles_one_graph(image_folder, tmp_path, monkeypatch):
+    """train.py --compile: log steps ask for every block's output, so every step must (one graph);
+    asking at log steps only recompiled the model there. Dynamo's "eager" backend traces and
+    guards as Inductor does, in a second instead of a minute."""
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    train.main(tiny_args(image_folder, tmp_path / "run", "--steps", "5", "--log-every", "2", "--compile"))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "train"] == [2, 4, 5]
+    torch._dynamo.reset()
+
+
 def test_profile_sorts_kernels_into_kinds():
     """Kernel names seen on an H200 (bench.py --profile): cuDNN's attention kernels also say wgmma,
     and must count as attention, not as matrix products."""

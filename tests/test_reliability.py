@@ -229,6 +229,7 @@ def test_bad_data_inputs(tmp_path):
     assert "cannot read image" in bad(tmp_path, "--data", "folder", "--data-path", folder, *out)
     odd = make_image_folder(tmp_path / "odd", size=18)
     assert "not divisible by the patch size" in bad(tmp_path, "--data", "folder", "--data-path", odd, "--model", "DiT-Mi/4", *out)
+    assert not (tmp_path / "o").exists()        # none of these failed starts left a run directory
 
 
 def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
@@ -264,7 +265,7 @@ def test_bad_flags(image_folder, tmp_path, flags, message, capsys):
         run_main(lambda: train.main(tiny_args(image_folder, tmp_path / "o", "--steps", "1", *flags)))
     assert exit.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
-    assert not list_checkpoints(tmp_path / "o")
+    assert not (tmp_path / "o").exists()        # a run that never started leaves no directory behind
 
 
 def test_bad_flags_in_a_subprocess(image_folder, tmp_path):

@@ -15,6 +15,7 @@ from loss import dispersive_loss
 from model import build_model
 from objectives import OBJECTIVES
 from rundir import load_checkpoint
+from utils import UserError
 
 
 def moving_args(data, out, *extra):
@@ -328,10 +329,14 @@ def test_unconditional_trains_a_null_only_table_and_samples(image_folder, tmp_pa
     assert ck["model_config"]["num_classes"] == 0 and ck["args"]["unconditional"] is True
     assert ck["model"]["y_embed.table.weight"].shape == (1, 128)      # the null row alone
     npz = tmp_path / "s.npz"                  # sample.py's main, in this process (a subprocess costs seconds)
-    sample.main(["--ckpt", str(out / "checkpoints" / "step_0000002.pt"), "--steps", "2", "--num-samples", "3",
-                 "--cfg-scale", "2", "--class-labels", "1", "--out", str(npz), "--device", "cpu"])
+    flags = ["--ckpt", str(out / "checkpoints" / "step_0000002.pt"), "--steps", "2", "--num-samples", "3",
+             "--out", str(npz), "--device", "cpu"]
+    sample.main(flags)
     got = np.load(npz)
     assert got["arr_0"].shape == (3, 16, 16, 3) and got["arr_1"].tolist() == [0, 0, 0]
+    for extra in (["--class-labels", "1"], ["--cfg-scale", "2"]):   # nothing to condition on: refused, not ignored
+        with pytest.raises(UserError, match=f"{extra[0]}: this checkpoint's model is unconditional"):
+            sample.main(flags + extra)
 
 
 def test_sample_class_labels_and_raw_weights(image_folder, tmp_path):
