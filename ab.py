@@ -53,7 +53,10 @@ KEYS = ("run", "arm", "seed", "step", "probe_json")     # a row's fields that ar
 @torch.no_grad()
 def ema_loss(model, objective, ckpt_args, data, n=1024, seed=12345, batch=256, device="cpu"):
     """The objective's own loss (its "flow" term) of a model on a fixed batch: the same images,
-    noise and times, and no dropped labels, for every run, so arms are compared on equal terms."""
+    noise and times, and no dropped labels, for every run of one objective, so its arms are
+    compared on equal terms. Another objective draws its own randomness in its own order (the
+    contrastive one two noises per image), so across objectives the batch is the same, not the
+    noise: a difference then also carries the noise draw's variance."""
     args = train.get_args([])
     vars(args).update({**ckpt_args, "disp_weight": 0.0, "p_uncond": 0.0, "compile": False})
     obj = OBJECTIVES[objective].from_args(args, model, model.num_classes or None)
