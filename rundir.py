@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from utils import UserError, all_reduce
+from utils import UserError, all_reduce, writable_dir
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # Flags that change where and how often a run writes, not what it trains: changing them on
@@ -142,11 +142,7 @@ def prepare(out, resume):
     elif list_checkpoints(out):
         raise UserError(f"run directory {out!r} already has checkpoints; add --resume to continue it, "
                         f"or choose another --out")
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):                 # the nearest part of the path that exists
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to --out {out!r}: {existing!r} is not a writable directory")
+    writable_dir(out)
     return resume_path, ckpt
 
 

@@ -56,6 +56,27 @@ def number(kind=float, min=None, max=None, above=None, below=None):
     return parse
 
 
+def writable_dir(path, flag="--out", given=None):
+    """Check, creating nothing, that directory `path` exists or can be made, and can be written
+    (`given`: the flag's value, when path is the directory of a file)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):                 # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {flag} {given or path!r}: {existing!r} is not a writable directory")
+
+
+def output_file(path, flag="--out", suffixes=None):
+    """Check an output file's name before the work that produces it (minutes of sampling must not
+    end in a traceback about the name): its suffix, and that its directory can be written."""
+    if suffixes and not path.endswith(tuple(suffixes)):
+        raise UserError(f"{flag} {path!r}: the file name must end in {' or '.join(suffixes)}")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a directory; give a file name")
+    writable_dir(os.path.dirname(os.path.abspath(path)), flag, given=repr(path))
+    return path
+
+
 def pick_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():
@@ -66,7 +87,9 @@ def pick_device(name="auto"):
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
