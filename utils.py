@@ -63,7 +63,7 @@ def writable_dir(path, flag="--out", given=None):
     while not os.path.exists(existing):                 # the nearest part of the path that exists
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {flag} {given or path!r}: {existing!r} is not a writable directory")
+        raise UserError(f"cannot write to {flag} {given or repr(path)}: {existing!r} is not a writable directory")
 
 
 def output_file(path, flag="--out", suffixes=None):
