@@ -28,6 +28,7 @@ A run directory that already holds the final checkpoint is not trained again.
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from objectives import OBJECTIVES
 from plots import arm_of, read_log
 from rundir import list_checkpoints, load_checkpoint
 from sample import load_model, sampler
-from utils import HelpFormatter, UserError, number, pick_device, run_main
+from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
 
 # The arms: train.py flags on top of the common ones. W is --disp-weight's value.
 ARMS = {"baseline": lambda w: ["--disp-weight", "0"],
@@ -84,12 +85,15 @@ def evaluate(run_dir, args, cache):
         row["periodic_" + fid_logs[-1]["metric"]] = fid_logs[-1]["value"]
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
+        if args.eval_samples or args.probe:
+            raise UserError(f"{run_dir!r} has no checkpoint to sample or probe")
+        print(f"warning: {run_dir!r} has no checkpoint: its row has the logged numbers only", file=sys.stderr)
         return row
     key = (cargs["data"], cargs["data_path"], cargs.get("image_size"))
     if key not in cache:                    # one data set (and reference) per distinct data
         cache[key] = {"data": load_dataset(*key)}
     data, dev = cache[key]["data"], args.device
-    ckpt, model, objective, _ = load_model(ckpts[0], "ema", dev)
+    ckpt, model, objective, _ = load_model(ckpts[0], "ema", dev, need_decoder=False)
     row["step"] = ckpt["step"]     # the step evaluated: later than the last log line if a signal stopped the run
     row["ema_flow"] = ema_loss(model, objective, ckpt["args"], data, device=dev)
     if args.eval_samples:
@@ -115,6 +119,30 @@ def evaluate(run_dir, args, cache):
             row[f"probe_best_t{t:g}"] = max(acc.values())
             row[f"probe_reg_t{t:g}"] = float(np.mean([acc[b] for b in res["disp_blocks"]]))
     return row
+
+
+def check_comparable(run_dirs):
+    """Refuse a table whose rows cannot be compared: runs of other data or models, a run listed
+    twice, or two runs of one arm and seed. Different step counts draw a warning."""
+    seen, kinds, steps = {}, set(), set()
+    for d in run_dirs:
+        config, logs, _ = read_log(d)
+        a = config["args"]
+        key = (arm_of(config), a["seed"])
+        if os.path.realpath(d) in seen.values() or key in seen:
+            raise UserError(f"{d!r}: {'listed twice' if os.path.realpath(d) in seen.values() else 'a second run'} "
+                            f"of arm {key[0]}, seed {key[1]}")
+        seen[key] = os.path.realpath(d)
+        # the contrastive arm is flow matching with two views; every other arm shares one objective
+        objective = "flow" if a.get("objective", "flow") == "contrastive" else a.get("objective", "flow")
+        kinds.add((a["data"], a.get("image_size"), a["model"], objective))
+        steps.add(logs[-1]["step"] if logs else None)
+    if len(kinds) > 1:
+        raise UserError("these runs differ in data, model or objective, so a paired table means nothing: "
+                        + "; ".join(", ".join(map(str, k)) for k in sorted(kinds, key=str)))
+    if len(steps) > 1:
+        print(f"warning: the runs stopped at different steps ({sorted(steps, key=str)}): "
+              f"their differences mix the arm with the budget", file=sys.stderr)
 
 
 def mean_std(xs):
@@ -187,6 +215,9 @@ def main(argv=None):
     if any(a.split("=")[0] in ("--seed", "--steps", "--disp-weight", "--out", "--resume", "--objective") for a in train_args):
         raise UserError("ab.py sets --seed, --steps, --disp-weight, --objective, --out and --resume itself; "
                         "use its own flags")
+    if args.compare and (train_args or args.steps is not None):
+        raise UserError(f"--compare evaluates existing runs: {' '.join(train_args) or '--steps'} would do nothing")
+    writable_dir(args.root, "--root")
     if args.eval_samples == 1:
         raise UserError("--eval-samples must be 0 or at least 2")
     args.probe_t = probe.parse_floats(args.probe_t, "--probe-t")
@@ -220,6 +251,7 @@ def main(argv=None):
                     raise UserError(f"{out} stopped before step {args.steps}; run the same command again to continue")
 
     args.device = pick_device(args.eval_device)
+    check_comparable(run_dirs)
     cache = {}
     rows = [evaluate(d, args, cache) for d in run_dirs]
     md = table(rows)

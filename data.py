@@ -7,6 +7,7 @@ makes resume exact (the data order continues where it stopped), gives the baseli
 dispersive run of an A/B the very same batches, and lets a run resume on another number of
 GPUs (each rank takes its share of the same global batch).
 """
+import contextlib
 import gzip
 import os
 from dataclasses import dataclass
@@ -66,9 +67,15 @@ def load_dataset(name, path, image_size=None):
 
 def _torchvision_set(cls_name, path, flip):
     import torchvision
+    existed = os.path.isdir(path)
     try:
         ds = getattr(torchvision.datasets, cls_name)(path, train=True, download=True)
     except Exception as e:  # no internet, a corrupt archive, a read-only directory ...
+        # torchvision made <path>/<cls_name>/raw before it failed: remove what it left empty, so
+        # that a mistyped path leaves nothing, and an image folder does not gain a class
+        for d in (os.path.join(path, cls_name, "raw"), os.path.join(path, cls_name)) + (() if existed else (path,)):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)             # only ever removes an empty directory
         raise UserError(f"could not find or download {cls_name} under --data-path {path!r} ({type(e).__name__}: {e}). "
                         f"Point --data-path at a directory that holds it, or use --data folder for an image folder.") from None
     images = torch.as_tensor(np.asarray(ds.data))

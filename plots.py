@@ -25,7 +25,9 @@ import os
 
 import numpy as np
 
-from utils import HelpFormatter, UserError, run_main
+from utils import HelpFormatter, UserError, output_file, run_main
+
+FIGURE_TYPES = (".png", ".pdf", ".svg")
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 ARM_ORDER = ("baseline", "dispersive", "contrastive")
@@ -43,7 +45,14 @@ def read_log(run_dir):
     if not os.path.isfile(path):
         raise UserError(f"{run_dir!r} is not a run directory (no metrics.jsonl)")
     with open(path) as f:
-        recs = [json.loads(l) for l in f if l.strip()]
+        lines = [l for l in f if l.strip()]
+    recs = []
+    for i, line in enumerate(lines):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:      # a torn last line is what a killed run leaves: skip it
+                raise UserError(f"{path!r}: line {i + 1} is not JSON") from None
     if not recs or recs[0].get("type") != "config":
         raise UserError(f"{path!r} does not start with a config line")
     return recs[0], [r for r in recs if r.get("type") == "train"], [r for r in recs if r.get("type") == "fid"]
@@ -271,6 +280,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.runs and not args.probe_json:
         raise UserError("give run directories and/or --probe-json files")
+    output_file(args.out, "--out", FIGURE_TYPES)
+    if args.probe_out:
+        output_file(args.probe_out, "--probe-out", FIGURE_TYPES)
     if args.runs:
         curves(args.runs, args.out)
         print(f"wrote {args.out}")

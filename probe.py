@@ -35,6 +35,7 @@ Writes a JSON (default <ckpt>.probe.json) that ab.py and plots.py read.
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -47,7 +48,7 @@ from objectives import OBJECTIVES
 from plots import arm_of
 from rundir import list_checkpoints
 from sample import load_model
-from utils import HelpFormatter, UserError, autocast, number, pick_device, run_main
+from utils import HelpFormatter, UserError, autocast, number, output_file, pick_device, run_main
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def parse_floats(text, flag="--t", low=0.0, high=1.0):
         vals = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         vals = None
-    if not vals or not all(low <= v <= high for v in vals):
+    if not vals or not all(low <= v <= high and math.isfinite(v) for v in vals):
         raise UserError(f"{flag} {text!r}: expected comma-separated numbers in [{low:g}, {high:g}]"
                         + (" (noise levels: 1 = data)" if flag == "--t" else ""))
     return vals
@@ -164,7 +165,7 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
     start = time.perf_counter()
     ckpt_path = resolve_checkpoint(ckpt_path)
     device = torch.device(device)
-    ckpt, model, objective, _ = load_model(ckpt_path, "ema", device)
+    ckpt, model, objective, _ = load_model(ckpt_path, "ema", device, need_decoder=False)
     blocks = tuple(range(1, model.depth + 1)) if blocks is None else tuple(sorted(set(blocks)))
     bad = [b for b in blocks if not 1 <= b <= model.depth]
     if bad or not blocks:
@@ -253,6 +254,8 @@ def main(argv=None):
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--out", default=None, help="JSON result (default: <ckpt>.probe.json)")
     args = p.parse_args(argv)
+    if args.out:
+        output_file(args.out, "--out", (".json",))
     blocks = None
     if args.blocks != "all":
         try:

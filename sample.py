@@ -23,7 +23,7 @@ import latents
 from model import build_model
 from objectives import OBJECTIVES
 from rundir import load_checkpoint
-from utils import HelpFormatter, UserError, autocast, number, pick_device, run_main
+from utils import HelpFormatter, UserError, autocast, number, output_file, pick_device, run_main
 
 
 # ----------------------------------------------------------------------------------------
@@ -158,13 +158,18 @@ def build_from_checkpoint(ckpt, weights="ema"):
     return model
 
 
-def load_model(ckpt_path, weights="ema", device="cpu", vae=None):
+def load_model(ckpt_path, weights="ema", device="cpu", vae=None, need_decoder=True):
     """(checkpoint, model, objective name, decode) from a checkpoint file. decode is None for
-    pixel models; latent models decode with the VAE recorded in the checkpoint (or `vae`)."""
+    pixel models (and when need_decoder is False); latent models decode with the VAE recorded in
+    the checkpoint (or `vae`)."""
     ckpt = load_checkpoint(ckpt_path)
     model = build_from_checkpoint(ckpt, weights).to(device).eval()
-    decode = latents.decoder(vae or ckpt["vae"]["name"], ckpt["vae"]["scale_factor"], model.in_channels, device) \
-        if ckpt.get("vae") else None
+    decode = None
+    if ckpt.get("vae") and need_decoder:
+        name = vae or ckpt["vae"]["name"]
+        if vae is None and os.path.isabs(name) and not os.path.isdir(name):
+            raise UserError(f"the checkpoint's VAE {name!r} is not there any more; pass --vae DIR (where it moved)")
+        decode = latents.decoder(name, ckpt["vae"]["scale_factor"], model.in_channels, device)
     return ckpt, model, ckpt["model_config"].get("objective", "flow"), decode
 
 
@@ -200,8 +205,11 @@ def main(argv=None):
       "checkpoint); a local directory works offline")
     args = p.parse_args(argv)
 
+    output_file(args.out, "--out", (".png", ".jpg", ".npz"))
     device = pick_device(args.device)
     ckpt, model, objective, decode = load_model(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)
+    if args.solver == "dopri5" and args.steps is not None:
+        raise UserError("--steps: dopri5 chooses its own steps (its tolerances are SiT's)")
     solver, args.solver, args.steps = sampler(objective, args.solver, args.steps)
     note = OBJECTIVES[objective].sampling_note(ckpt.get("args", {}), args.cfg_scale)
     if note:
@@ -232,7 +240,7 @@ def main(argv=None):
     if args.out.endswith(".npz"):
         # 'protocol' (a JSON string) lets fid.py record how the samples were made.
         protocol = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": args.solver,
-                    "steps": args.steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed,
+                    "steps": None if args.solver == "dopri5" else args.steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed,
                     "nfe_per_batch": counter["nfe"] / batches}
         np.savez(args.out, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy(),
                  protocol=np.array(json.dumps(protocol)))

@@ -30,7 +30,8 @@ from utils import HelpFormatter, UserError, autocast, barrier, init_distributed,
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # allow_abbrev off: a mistyped flag (--disp-weigh) is an error, not a prefix of another one
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("the method: dispersive loss (the paper's settings; loss.py). The optimisation "
                              "defaults are not all the paper's: README.md's table says which differ")
     g.add_argument("--disp-weight", type=number(float, min=0), default=0.5, help="lambda; 0 trains the baseline")
@@ -88,6 +89,12 @@ def get_args(argv=None):
             raise UserError(f"{', '.join(changed)}: flags of --objective {name}, not of {args.objective}")
     if args.image_size is not None and args.data not in ("folder", "latents"):
         raise UserError(f"--image-size: only --data folder (and latents) take it")
+    if args.unconditional and args.sample_cfg != 1:
+        raise UserError("--sample-cfg: an --unconditional model takes no labels, so no guidance")
+    fid_flags = [f"--{k.replace('_', '-')}" for k in ("fid_samples", "fid_ref_stats", "fid_extractor", "inception_weights")
+                 if getattr(args, k) != p.get_default(k)]
+    if fid_flags and not args.fid_every:
+        raise UserError(f"{', '.join(fid_flags)}: flags of the periodic FID, which only --fid-every N turns on")
     if args.out is None and args.resume:
         args.out = rundir.out_from_resume(args.resume)
     if args.out is None:
@@ -195,6 +202,8 @@ def main(argv=None):
     decode = data.decoder(device) if main_proc and args.sample_every and args.data == "latents" else None
     fid_eval = fid.TrainingFID.from_args(args, data, device) if main_proc else None
 
+    batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
+                      labels=model.num_classes > 0)
     rundir.create(args.out, fresh=ckpt is None, main_proc=main_proc)
     log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if ckpt else None)
     log(type="config", step=start, args=vars(args), model_config=model_config,
@@ -213,8 +222,6 @@ def main(argv=None):
             return rundir.save_checkpoint(args.out, step, state, args.keep_ckpts)
 
     # --- the loop ------------------------------------------------------------------------
-    batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
-                      labels=model.num_classes > 0)
     guard = rundir.NonFiniteGuard(("flow", "disp"), device)
     t_last, step_last = time.perf_counter(), start
     net.train()

@@ -106,3 +106,39 @@ def test_ab_bad_input(tmp_path):
         ab.main(["--steps", "2", "--probe", "--probe-t", "0.9,2", "--root", str(tmp_path)])
     with pytest.raises(UserError, match="--arms 'baseline,nope'"):
         ab.main(["--steps", "2", "--arms", "baseline,nope", "--root", str(tmp_path)])
+
+
+def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys):
+    """A paired table needs runs of one data set, model and objective, each (arm, seed) once."""
+    runs = {name: str(tmp_path / name) for name in ("b0", "d0", "d0_longer")}
+    train.main(tiny_args(image_folder, runs["b0"], "--steps", "2", "--disp-weight", "0"))
+    train.main(tiny_args(image_folder, runs["d0"], "--steps", "2"))
+    train.main(tiny_args(image_folder, runs["d0_longer"], "--steps", "3"))
+    cmp = ["--root", str(tmp_path / "ab")]
+    with pytest.raises(UserError, match="listed twice of arm baseline, seed 0"):
+        ab.main(["--compare", runs["b0"], runs["b0"], *cmp])
+    with pytest.raises(UserError, match="a second run of arm dispersive, seed 0"):
+        ab.main(["--compare", runs["b0"], runs["d0"], runs["d0_longer"], *cmp])
+    with pytest.raises(UserError, match="--compare evaluates existing runs: --model DiT-Ti/4 would do nothing"):
+        ab.main(["--compare", runs["b0"], runs["d0"], *cmp, "--", "--model", "DiT-Ti/4"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write to --root"):
+        ab.main(["--compare", runs["b0"], runs["d0"], "--root", str(tmp_path / "file" / "ab")])
+    ab.main(["--compare", runs["b0"], runs["d0_longer"], *cmp])          # 2 and 3 steps: a warning
+    assert "stopped at different steps ([2, 3])" in capsys.readouterr().err
+
+    def copy_log(name, **changes):      # a run directory with d0's log (and no checkpoint)
+        lines = open(f"{runs['d0']}/metrics.jsonl").read().splitlines()
+        config = json.loads(lines[0])
+        config["args"].update(changes)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join([json.dumps(config)] + lines[1:]) + "\n")
+        return str(tmp_path / name)
+    with pytest.raises(UserError, match="differ in data, model or objective"):
+        ab.main(["--compare", runs["b0"], copy_log("other_model", model="DiT-Ti/4"), *cmp])
+    no_ckpt = copy_log("no_ckpt")
+    rows = ab.main(["--compare", runs["b0"], no_ckpt, *cmp])
+    assert "has no checkpoint: its row has the logged numbers only" in capsys.readouterr().err
+    assert "ema_flow" in rows[0] and "ema_flow" not in rows[1]
+    with pytest.raises(UserError, match="has no checkpoint to sample or probe"):
+        ab.main(["--compare", no_ckpt, runs["b0"], "--probe", *cmp])

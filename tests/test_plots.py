@@ -80,7 +80,21 @@ def test_plots_errors(tmp_path, monkeypatch):
         plots.curves([str(tmp_path)], str(tmp_path / "x.png"))
     with pytest.raises(UserError, match="give run directories"):
         plots.main([])
+    with pytest.raises(UserError, match="--out 'c.txt': the file name must end in .png or .pdf or .svg"):
+        plots.main([str(tmp_path), "--out", "c.txt"])
     monkeypatch.setitem(sys.modules, "matplotlib", None)         # as if it were not installed
     with pytest.raises(UserError, match="pip install matplotlib"):
         plots.pyplot()
     assert not plots.have_matplotlib()
+
+
+def test_a_torn_last_line_is_skipped(runs, tmp_path):
+    """What a run killed mid-write leaves: the last line cut short. Elsewhere a bad line is an error."""
+    lines = open(f"{runs['baseline_s0']}/metrics.jsonl").read().splitlines()
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:20])
+    assert plots.read_log(str(tmp_path / "torn"))[1] == plots.read_log(runs["baseline_s0"])[1]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:20]] + lines[2:]) + "\n")
+    with pytest.raises(UserError, match="line 2 is not JSON"):
+        plots.read_log(str(tmp_path / "bad"))

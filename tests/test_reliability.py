@@ -257,6 +257,11 @@ def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
     (["--p-uncond", "1.5"], "--p-uncond: must be a finite number >= 0 and <= 1, got 1.5"),
     (["--image-size", "-4"], "--image-size: must be an integer >= 1, got -4"),
     (["--ckpt-every", "0"], "--ckpt-every: must be an integer >= 1, got 0"),
+    (["--disp-weigh", "0.9"], "unrecognized arguments: --disp-weigh 0.9"),     # no prefixes: ab.py passes flags on
+    (["--unconditional", "--sample-cfg", "4"], "--sample-cfg: an --unconditional model takes no labels"),
+    (["--fid-ref-stats", "x.npz"], "--fid-ref-stats: flags of the periodic FID, which only --fid-every N turns on"),
+    (["--batch-size", "100000", "--disp-group-size", "0"], "--batch-size 100000 is larger than the data set"),
+    (["--device", "xpu"], "unknown --device 'xpu'"),
 ])
 def test_bad_flags(image_folder, tmp_path, flags, message, capsys):
     """In this process (a subprocess per case cost 3-10 s): run_main's exit status 2 and the last

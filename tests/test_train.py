@@ -157,12 +157,18 @@ def test_missing_cifar_names_the_flag(tmp_path):
     dead = "http://127.0.0.1:9"
     env = dict(os.environ, HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, ALL_PROXY=dead,
                all_proxy=dead, NO_PROXY="", no_proxy="")
-    r = subprocess.run([sys.executable, "train.py", "--data", "cifar10", "--data-path", str(tmp_path / "nothing"),
-                        "--out", str(tmp_path / "o"), "--steps", "1"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=env)
+    run = lambda data, path: subprocess.run([sys.executable, "train.py", "--data", data, "--data-path", str(path),
+                                             "--out", str(tmp_path / "o"), "--steps", "1"], cwd=ROOT,
+                                            capture_output=True, text=True, timeout=120, env=env)
+    r = run("cifar10", tmp_path / "nothing")
     assert r.returncode == 2, r.stderr
     assert "--data-path" in r.stderr and "Traceback" not in r.stderr
-    assert not os.path.exists(tmp_path / "nothing" / "cifar-10-python.tar.gz")
+    # nothing is left behind: no data directory, no run directory
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / "o").exists()
+    # torchvision makes <path>/FashionMNIST/raw before it fails: an image folder must not keep it as a class
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    r = run("fashion-mnist", tmp_path / "images")
+    assert r.returncode == 2 and os.listdir(tmp_path / "images") == ["cat"], r.stderr
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,6 +342,18 @@ def test_unconditional_trains_a_null_only_table_and_samples(image_folder, tmp_pa
     assert got["arr_0"].shape == (3, 16, 16, 3) and got["arr_1"].tolist() == [0, 0, 0]
     for extra in (["--class-labels", "1"], ["--cfg-scale", "2"]):   # nothing to condition on: refused, not ignored
         with pytest.raises(UserError, match=f"{extra[0]}: this checkpoint's model is unconditional"):
+            sample.main(flags + extra)
+
+
+def test_sample_checks_its_flags_before_sampling(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(moving_args(image_folder, out, "--steps", "1"))
+    flags = ["--ckpt", str(out / "checkpoints" / "step_0000001.pt"), "--device", "cpu"]
+    (tmp_path / "file").write_text("x")
+    for extra, message in [(["--out", str(tmp_path / "file" / "s.png")], "cannot write to --out"),
+                           (["--out", "s.NPZ"], "--out 's.NPZ': the file name must end in .png or .jpg or .npz"),
+                           (["--solver", "dopri5", "--steps", "5"], "--steps: dopri5 chooses its own steps")]:
+        with pytest.raises(UserError, match=message):
             sample.main(flags + extra)
 
 
