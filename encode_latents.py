@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import center_crop, list_image_folder
 from latents import DEFAULT_VAE, encode, load_vae
-from utils import HelpFormatter, UserError, pick_device, run_main
+from utils import HelpFormatter, UserError, pick_device, run_main, writable_dir
 
 
 # ----------------------------------------------------------------------------------------
@@ -81,12 +81,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.image_size < 8 or args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--image-size must be at least 8, --batch-size at least 1, --num-workers at least 0")
+    writable_dir(args.out, "--out")
 
     files, classes = list_image_folder(args.data_path)
     copies = 1 if args.no_flip else 2
     vae_id = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
     settings = {"vae": vae_id, "image_size": args.image_size, "flip": copies == 2, "num_images": len(files)}
-    os.makedirs(args.out, exist_ok=True)
     paths = {k: os.path.join(args.out, k) for k in ("moments.npy", "labels.npy", "files.txt", "meta.json")}
 
     done, meta = 0, None
@@ -98,11 +98,16 @@ def main(argv=None):
                 same_files = f.read().splitlines() == [fn for fn, _ in files]
         except (OSError, ValueError) as e:
             raise UserError(f"cannot resume {args.out!r} ({e}); delete it to start again") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"cannot resume {args.out!r}: its meta.json is not encode_latents.py's; delete it to start again")
         differ = [k for k, v in settings.items() if meta.get(k) != v] + ([] if same_files else ["files"])
         if differ:
             raise UserError(f"--out {args.out!r} holds another encoding (its {', '.join(differ)} differ); "
                             f"choose another --out or delete it")
-        done = meta["done"]
+        done = meta.get("done")
+        if not isinstance(done, int) or not 0 <= done <= len(files):
+            raise UserError(f"cannot resume {args.out!r}: its meta.json has no valid 'done' count ({done!r}); "
+                            f"delete it to start again")
         if done == len(files):
             print(f"{args.out} is complete ({done} images); nothing to do")
             return
@@ -117,6 +122,7 @@ def main(argv=None):
         raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {f}")
     shape = (len(files) * copies, 2, vae.config.latent_channels, args.image_size // f, args.image_size // f)
 
+    os.makedirs(args.out, exist_ok=True)       # only now: a VAE that fails to load leaves no empty --out
     if meta is None:                           # a fresh start: allocate everything, then record it
         moments = np.lib.format.open_memmap(paths["moments.npy"], mode="w+", dtype=np.float16, shape=shape)
         np.save(paths["labels.npy"], np.repeat(np.array([c for _, c in files], dtype=np.int64), copies))
@@ -129,13 +135,15 @@ def main(argv=None):
                 "source": os.path.abspath(args.data_path), "classes": classes, "done": 0}
         write_json(meta, paths["meta.json"])
     else:
-        try:
-            moments = np.load(paths["moments.npy"], mmap_mode="r+")
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot resume {args.out!r} ({e}); delete it to start again") from None
-        if moments.shape != shape:
-            raise UserError(f"{paths['moments.npy']} has shape {moments.shape}, this VAE gives {shape}; "
-                            f"choose another --out or delete it")
+        try:     # "r" first: "r+" would silently extend a truncated file with zeros
+            moments = np.load(paths["moments.npy"], mmap_mode="r")
+        except (OSError, ValueError) as e:     # a truncated file: "mmap length is greater than file size"
+            raise UserError(f"cannot resume {args.out!r}: moments.npy is unreadable or shorter than its header says "
+                            f"({e}); delete it to start again") from None
+        if moments.shape != shape or moments.dtype != np.float16 or shape[0] != meta.get("rows"):
+            raise UserError(f"{paths['moments.npy']} has shape {moments.shape} ({moments.dtype}), meta.json says "
+                            f"{meta.get('rows')} rows and this VAE gives {shape}; choose another --out or delete it")
+        moments = np.load(paths["moments.npy"], mmap_mode="r+")
 
     loader = torch.utils.data.DataLoader(CenterCrops([fn for fn, _ in files], args.image_size, done),
                                          batch_size=args.batch_size, num_workers=args.num_workers)

@@ -19,6 +19,8 @@ import json
 import os
 import platform
 import time
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -27,10 +29,11 @@ import torch.nn.functional as F
 
 from data import IMAGE_EXTS, load_dataset
 from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
-from utils import HelpFormatter, UserError, number, pick_device, run_main
+from utils import HelpFormatter, UserError, number, output_file, pick_device, run_main
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)   # what np.load raises on a bad .npz
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,8 +57,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     turning complex."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise UserError(f"statistics do not match: {mu1.shape[0]}-d features vs {mu2.shape[0]}-d reference "
-                        f"(different feature extractors?)")
+        raise UserError(f"statistics do not match: mu {mu1.shape}, sigma {sigma1.shape} vs the reference's mu "
+                        f"{mu2.shape}, sigma {sigma2.shape} (different feature extractors?)")
     w, v = np.linalg.eigh(sigma1)
     root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
     m = root1 @ sigma2 @ root1
@@ -86,27 +89,38 @@ class SmallClassifier(nn.Module):
         return self.body(x_uint8.float() / 127.5 - 1)
 
 
-def load_extractor(spec=INCEPTION, weights=None, device="cpu"):
-    """-> (fn, info). spec: a torch-fidelity feature extractor name (default: the Inception of
-    the FID protocol), or a classifier .pt written by --train-classifier."""
+def load_extractor(spec=INCEPTION, weights=None, device="cpu", prefix=""):
+    """-> (fn, info); info["dim"] is the feature dimension D. spec: a torch-fidelity feature
+    extractor name (default: the Inception of the FID protocol), or a classifier .pt written by
+    --train-classifier. prefix: of the flag names in messages (train.py's are --fid-extractor ...)."""
     device = torch.device(device)
+    flag = f"--{prefix}extractor {spec!r}"
     if spec.endswith(".pt"):
         if not os.path.isfile(spec):
-            raise UserError(f"--extractor {spec!r}: no such classifier file (make one with --train-classifier)")
-        ck = torch.load(spec, map_location="cpu", weights_only=True)
+            raise UserError(f"{flag}: no such classifier file (make one with fid.py --train-classifier)")
+        try:
+            ck = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as e:   # a truncated or foreign file: torch.load raises many kinds
+            raise UserError(f"{flag}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
         if not isinstance(ck, dict) or ck.get("kind") != "fd-classifier":
-            raise UserError(f"--extractor {spec!r} is not a classifier written by fid.py --train-classifier")
-        net = SmallClassifier(ck["in_channels"], ck["num_classes"])
-        net.load_state_dict(ck["state"])
+            raise UserError(f"{flag} is not a classifier written by fid.py --train-classifier")
+        C = ck.get("in_channels")
+        if C not in (1, 3):
+            raise UserError(f"{flag} is a classifier of {C}-channel images; fid.py scores grey (1) or RGB (3) images")
+        try:
+            net = SmallClassifier(C, ck["num_classes"])
+            net.load_state_dict(ck["state"])
+        except (KeyError, RuntimeError, TypeError) as e:
+            raise UserError(f"{flag}: its weights do not fit fid.py's classifier ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:150]})") from None
         net = net.to(device).eval()
-        C = ck["in_channels"]
 
         def fn(x):
             if x.shape[1] != C:        # grey <-> RGB, so samples and reference always fit
                 x = x.expand(-1, C, -1, -1) if x.shape[1] == 1 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
             return net.features(x)
         return fn, {"name": "fd-classifier", "file": os.path.abspath(spec), "data": ck.get("data"),
-                    "held_out_accuracy": ck.get("held_out_accuracy")}
+                    "held_out_accuracy": ck.get("held_out_accuracy"), "dim": feature_dim(fn, device)}
 
     try:
         import torch_fidelity
@@ -115,7 +129,7 @@ def load_extractor(spec=INCEPTION, weights=None, device="cpu"):
     except ImportError:
         raise UserError("FID needs torch-fidelity: pip install torch-fidelity==0.4.0 (see README, 'Measuring')") from None
     if spec not in FEATURE_EXTRACTORS_REGISTRY:
-        raise UserError(f"--extractor {spec!r}: not a torch-fidelity feature extractor "
+        raise UserError(f"{flag}: not a torch-fidelity feature extractor "
                         f"({', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}) nor a classifier .pt")
     if weights is not None and not os.path.isfile(weights):
         raise UserError(f"--inception-weights {weights!r}: no such file")
@@ -131,7 +145,14 @@ def load_extractor(spec=INCEPTION, weights=None, device="cpu"):
     def fn(x):
         return net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)[0]    # Inception wants RGB
     return fn, {"name": spec, "layer": layer, "weights": os.path.abspath(weights) if weights else "torch hub cache / download",
-                "tool": "torch-fidelity", "tool_version": torch_fidelity.__version__}
+                "tool": "torch-fidelity", "tool_version": torch_fidelity.__version__, "dim": feature_dim(fn, device)}
+
+
+@torch.no_grad()
+def feature_dim(fn, device):
+    """D of an extractor's (N, D) features, from one black image: reference statistics are checked
+    against it before any sampling."""
+    return int(fn(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device)).shape[1])
 
 
 @torch.no_grad()
@@ -148,40 +169,45 @@ def features(fn, images, batch_size=200, device="cpu"):
 def load_images(path):
     """An .npz with arr_0 (N, H, W, C) uint8, or a directory of images (any depth) -> uint8
     (N, C, H, W), and the generation settings sample.py stored, if any."""
+    protocol = None
     if os.path.isfile(path) and path.endswith(".npz"):
-        with np.load(path) as z:
-            if "arr_0" not in z:
-                raise UserError(f"{path!r} has no arr_0 (images); expected sample.py's .npz")
-            arr = z["arr_0"]
-            protocol = json.loads(str(z["protocol"])) if "protocol" in z else None
-        if arr.dtype != np.uint8 or arr.ndim != 4:
-            raise UserError(f"{path!r}: arr_0 must be uint8 (N, H, W, C), got {arr.dtype} {arr.shape}")
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), protocol
-    if os.path.isdir(path):
+        try:
+            with np.load(path) as z:
+                arr = z["arr_0"] if "arr_0" in z else None
+                protocol = str(z["protocol"]) if "protocol" in z else None
+        except NPZ_ERRORS as e:
+            raise UserError(f"--samples {path!r}: cannot read it ({type(e).__name__}: {e})") from None
+        if arr is None:
+            raise UserError(f"--samples {path!r} has no arr_0 (images); expected sample.py's .npz")
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3):
+            raise UserError(f"--samples {path!r}: arr_0 must be uint8 (N, H, W, C) with C = 1 or 3, as sample.py "
+                            f"writes it, got {arr.dtype} {arr.shape}")
+        try:
+            protocol = json.loads(protocol) if protocol else None
+        except ValueError:
+            raise UserError(f"--samples {path!r}: its 'protocol' entry is not JSON (sample.py writes a JSON string)") from None
+        images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    elif os.path.isdir(path):
         from PIL import Image
         files = sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns if n.lower().endswith(IMAGE_EXTS))
         if not files:
             raise UserError(f"no images in {path!r}")
         pics = []
         for f in files:
-            with Image.open(f) as im:
-                pics.append(np.asarray(im.convert("RGB")))
+            try:
+                with Image.open(f) as im:
+                    pics.append(np.asarray(im.convert("RGB")))
+            except OSError as e:      # PIL's UnidentifiedImageError is an OSError
+                raise UserError(f"--samples: cannot read image {f!r} ({e})") from None
         if len({p.shape for p in pics}) > 1:
             raise UserError(f"images in {path!r} differ in size")
-        return torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).contiguous(), None
-    raise UserError(f"--samples {path!r}: expected an .npz file or a directory of images")
-
-
-def sample_from_checkpoint(ckpt_path, n, *, steps=None, solver=None, cfg_scale=1.0, ema=True, seed=0,
-                           batch_size=256, device="cpu", vae=None):
-    """n images from a checkpoint, classes spread evenly; -> (uint8 NCHW, generation protocol).
-    solver and steps default to the checkpoint's objective's (sample.sampler)."""
-    ckpt, model, objective, decode = load_model(ckpt_path, "ema" if ema else "model", device, vae)
-    fn, solver, steps = sampler(objective, solver, steps)
-    images = generate_n(model, n, fn, steps, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, device=device,
-                        decode=decode)
-    return images, {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "solver": solver,
-                    "steps": steps, "cfg_scale": cfg_scale, "ema": ema, "seed": seed}
+        images = torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).contiguous()
+    else:
+        raise UserError(f"--samples {path!r}: expected an .npz file or a directory of images")
+    if len(images) < 2 or min(images.shape[2:]) < 4:
+        raise UserError(f"--samples {path!r}: need at least 2 images of at least 4 x 4 pixels, got {len(images)} "
+                        f"of {images.shape[2]} x {images.shape[3]}")
+    return images, protocol
 
 
 def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None):
@@ -191,19 +217,36 @@ def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256
                          cfg_scale=cfg_scale, decode=decode)
 
 
-def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu"):
-    """(mu, sigma, description): from a stats .npz (mu, sigma), or from a data set data.py loads."""
+def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu",
+                    prefix=""):
+    """(mu, sigma, description): from a stats .npz (mu, sigma), checked against the extractor's
+    feature dimension, or from a data set data.py loads. prefix: as load_extractor's."""
     if stats_path:
+        flag = f"--{prefix}ref-stats {stats_path!r}"
         if not os.path.isfile(stats_path):
-            raise UserError(f"--ref-stats {stats_path!r}: no such file")
-        with np.load(stats_path) as z:
-            if "mu" not in z or "sigma" not in z:
-                raise UserError(f"--ref-stats {stats_path!r} needs arrays 'mu' and 'sigma'")
-            made_with = str(z["extractor"]) if "extractor" in z else None
-            if made_with and made_with != info["name"]:
-                raise UserError(f"--ref-stats {stats_path!r} was made with {made_with}, not {info['name']}")
-            return z["mu"], z["sigma"], {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
-    ds = load_dataset(data, data_path)
+            raise UserError(f"{flag}: no such file")
+        try:
+            with np.load(stats_path) as z:
+                if "mu" not in z or "sigma" not in z:
+                    raise UserError(f"{flag} needs arrays 'mu' and 'sigma'")
+                mu, sigma = z["mu"], z["sigma"]
+                made_with = str(z["extractor"]) if "extractor" in z else None
+        except NPZ_ERRORS as e:
+            raise UserError(f"{flag}: cannot read it ({type(e).__name__}: {e})") from None
+        if made_with and made_with != info["name"]:
+            raise UserError(f"{flag} was made with {made_with}, not {info['name']}")
+        dim = info["dim"]
+        if mu.shape != (dim,) or sigma.shape != (dim, dim):
+            raise UserError(f"{flag}: mu {mu.shape} and sigma {sigma.shape} do not fit the {dim}-d features of "
+                            f"{info['name']}, which need mu ({dim},) and sigma ({dim}, {dim}) (another extractor's?)")
+        if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu" or not np.isfinite(mu).all() \
+                or not np.isfinite(sigma).all():
+            raise UserError(f"{flag}: mu and sigma must be finite numbers, not NaN, inf or {mu.dtype} / {sigma.dtype}")
+        return mu, sigma, {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
+    try:
+        ds = load_dataset(data, data_path)
+    except UserError as e:
+        raise UserError(f"--ref-data {data} (--ref-data-path {data_path!r}): {e}") from None
     if ds.images is None or ds.images.dtype != torch.uint8:
         raise UserError(f"--ref-data {data}: the reference must be images, not latents (use --ref-stats or an image folder)")
     mu, sigma = statistics(features(fn, ds.images, batch_size, device))
@@ -248,11 +291,12 @@ class TrainingFID:
         return cls(args.fid_extractor, args.inception_weights, args.fid_ref_stats, data.images, device,
                    args.fid_every, args.fid_samples, args.sample_steps, args.sample_cfg)
 
-    def __init__(self, extractor, weights, ref_stats, train_images, device, every, n, steps=None, cfg_scale=1.0):
-        self.fn, self.info = load_extractor(extractor, weights, device)
+    def __init__(self, extractor, weights, ref_stats, train_images, device, every, n, steps=None, cfg_scale=1.0,
+                 prefix="fid-"):     # messages name train.py's flags: --fid-extractor, --fid-ref-stats
+        self.fn, self.info = load_extractor(extractor, weights, device, prefix)
         self.device, self.every, self.n, self.steps, self.cfg_scale = device, every, n, steps, cfg_scale
         if ref_stats:
-            self.mu, self.sigma, self.ref = reference_stats(self.fn, self.info, stats_path=ref_stats)
+            self.mu, self.sigma, self.ref = reference_stats(self.fn, self.info, stats_path=ref_stats, prefix=prefix)
         else:
             self.mu, self.sigma = statistics(features(self.fn, train_images, device=device))
             self.ref = {"data": "the training set", "num_images": len(train_images)}
@@ -276,6 +320,10 @@ class TrainingFID:
 def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
     """Train SmallClassifier on a data set, holding out 10% to report its accuracy."""
     ds = load_dataset(data, data_path)
+    if ds.images is None or ds.images.dtype != torch.uint8:
+        raise UserError(f"--ref-data {data}: the classifier learns from images, not latents")
+    if len(ds) < 10:
+        raise UserError(f"--ref-data {data}: {len(ds)} images are too few to train the classifier (10% are held out)")
     torch.manual_seed(seed)
     perm = torch.randperm(len(ds))
     n_val = len(ds) // 10
@@ -315,7 +363,7 @@ def main(argv=None):
     a("--num-samples", type=int, default=None, help="images to score (default: all of --samples; 50000 with --ckpt)")
     a("--solver", default=None, choices=SOLVERS, help="solver with --ckpt (default: the checkpoint's objective's)")
     a("--steps", type=number(int, min=1), default=None, help="solver steps with --ckpt (default: the objective's)")
-    a("--cfg-scale", type=float, default=1.0, help="guidance scale with --ckpt (1 = none)")
+    a("--cfg-scale", type=number(float), default=1.0, help="guidance scale with --ckpt (1 = none)")
     a("--raw-weights", action="store_true", help="with --ckpt, sample the raw weights instead of the EMA weights")
     a("--seed", type=int, default=0, help="seed for the initial noise with --ckpt")
     a("--vae", default=None, help="with a latent --ckpt: the VAE that decodes it (default: the one the checkpoint "
@@ -329,7 +377,8 @@ def main(argv=None):
     a("--inception-weights", default=None, help="local Inception weights file (offline use); default: torch hub cache or download")
     a("--train-classifier", default=None, metavar="OUT.pt",
       help="instead: train the small FD-classifier on --ref-data and save it here, then exit")
-    a("--classifier-epochs", type=int, default=2, help="epochs for --train-classifier")
+    a("--classifier-epochs", type=number(int, min=0), default=2, help="epochs for --train-classifier (0: a single "
+      "step, a smoke test)")
     a("--batch-size", type=number(int, min=1), default=200, help="images per forward pass")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--out", default=None, help="JSON result file (default: next to --samples / --ckpt, <name>.fid.json)")
@@ -337,6 +386,7 @@ def main(argv=None):
     device = pick_device(args.device)
 
     if args.train_classifier:
+        output_file(args.train_classifier, "--train-classifier", [".pt"])
         acc = train_classifier(args.ref_data, args.ref_data_path, args.train_classifier, args.classifier_epochs,
                                args.seed, device)
         print(f"wrote {args.train_classifier} (held-out accuracy {acc:.3f})")
@@ -345,14 +395,22 @@ def main(argv=None):
         raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
+    if args.samples:
+        unused = [flag for flag, given in (("--steps", args.steps), ("--solver", args.solver), ("--vae", args.vae),
+                                           ("--cfg-scale", args.cfg_scale != 1), ("--raw-weights", args.raw_weights)) if given]
+        if unused:
+            raise UserError(f"{', '.join(unused)}: sampling flags, for --ckpt only; --samples are already made")
+    out = args.out or os.path.splitext(args.samples or args.ckpt)[0].rstrip("/") + ".fid.json"
+    output_file(out, "--out", [".json"])
+    if args.save_ref_stats:
+        output_file(args.save_ref_stats, "--save-ref-stats", [".npz"])
 
+    # Everything that can fail fast (extractor, samples or checkpoint, reference) before the long part, sampling
     fn, info = load_extractor(args.extractor, args.inception_weights, device)
     t0 = time.time()
     if args.ckpt:
-        n = args.num_samples or 50_000
-        images, generation = sample_from_checkpoint(args.ckpt, n, steps=args.steps, solver=args.solver,
-                                                    cfg_scale=args.cfg_scale, ema=not args.raw_weights, seed=args.seed,
-                                                    batch_size=args.batch_size, device=device, vae=args.vae)
+        ckpt, model, objective, decode = load_model(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)
+        solve, solver, steps = sampler(objective, args.solver, args.steps)
     else:
         images, generation = load_images(args.samples)
         if args.num_samples:
@@ -360,18 +418,22 @@ def main(argv=None):
                 raise UserError(f"--num-samples {args.num_samples} but {args.samples!r} holds only {len(images)} images")
             images = images[:args.num_samples]
         generation = generation or "unknown (an .npz from an older sample.py, or an image folder)"
-    mu, sigma = statistics(features(fn, images, args.batch_size, device))
     ref_mu, ref_sigma, ref = reference_stats(fn, info, stats_path=args.ref_stats, data=args.ref_data,
                                              data_path=args.ref_data_path, batch_size=args.batch_size, device=device)
     if args.save_ref_stats:
         save_stats(args.save_ref_stats, ref_mu, ref_sigma, info)
+    if args.ckpt:
+        images = generate_n(model, args.num_samples or 50_000, solve, steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                            batch_size=args.batch_size, device=device, decode=decode)
+        generation = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": solver,
+                      "steps": steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed}
+    mu, sigma = statistics(features(fn, images, args.batch_size, device))
     value = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     result = {"metric": fid_name(info, len(images)), "value": value, "num_samples": len(images),
               "samples": os.path.abspath(args.samples) if args.samples else None, "reference": ref,
               "feature_extractor": info, "generation": generation, "frechet_distance": "fid.py (eigvalsh)",
               "seconds": round(time.time() - t0, 1),
               "versions": {"torch": str(torch.__version__), "python": platform.python_version()}}
-    out = args.out or os.path.splitext(args.samples or args.ckpt)[0].rstrip("/") + ".fid.json"
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{result['metric']}: {value:.3f}  ({out})")

@@ -86,6 +86,11 @@ class LatentSet:
             labels = np.load(os.path.join(path, "labels.npy"))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read the latents in --data-path {path!r} ({e}); re-run encode_latents.py") from None
+        missing = [k for k in ("vae", "scale_factor", "image_size", "classes", "num_images", "done")
+                   if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise UserError(f"{meta_path!r} lacks {', '.join(missing)}: not a meta.json of encode_latents.py; "
+                            f"re-run encode_latents.py")
         if meta.get("done") != meta.get("num_images"):
             raise UserError(f"the latents in {path!r} are incomplete ({meta.get('done')} of {meta.get('num_images')} "
                             f"images encoded); re-run the same encode_latents.py command to finish them")

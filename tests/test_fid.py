@@ -160,6 +160,130 @@ def test_bad_inputs_are_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
+# Bad input: one line, and before the long work (sampling, training the classifier)
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(folder_and_classifier):
+    root, images, clf = folder_and_classifier
+    train.main(tiny_args(images, root / "run", "--steps", "2"))
+    return str(root / "run" / "checkpoints" / "step_0000002.pt")
+
+
+def fail(*args, **kwargs):
+    raise AssertionError("the long work started before the input was checked")
+
+
+def hand_classifier(path, in_channels=3, state_channels=None):
+    """A classifier file as --train-classifier writes it, untrained (state_channels: weights of another net)."""
+    state = fid.SmallClassifier(state_channels or in_channels, 3).state_dict()
+    torch.save({"kind": "fd-classifier", "state": state, "in_channels": in_channels, "num_classes": 3}, path)
+    return str(path)
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "no such file"),
+    ("no_sigma", "needs arrays 'mu' and 'sigma'"),
+    ("sigma_1d", r"sigma \(128,\) do not fit .* need mu \(128,\) and sigma \(128, 128\)"),
+    ("wrong_dim", r"mu \(64,\) and sigma \(64, 64\) do not fit the 128-d features"),
+    ("nan", "finite"),
+    ("truncated", "cannot read"),
+    ("ref_data", "--ref-data folder"),
+])
+def test_reference_is_checked_before_sampling(folder_and_classifier, ckpt, tmp_path, monkeypatch, case, match):
+    root, images, clf = folder_and_classifier
+    mu, sigma, path = np.zeros(128), np.eye(128), str(tmp_path / "ref.npz")
+    arrays = {"no_sigma": dict(mu=mu), "sigma_1d": dict(mu=mu, sigma=np.ones(128)), "nan": dict(mu=mu * np.nan, sigma=sigma),
+              "wrong_dim": dict(mu=mu[:64], sigma=sigma[:64, :64]), "truncated": dict(mu=mu, sigma=sigma)}.get(case)
+    if arrays:
+        np.savez(path, **arrays)
+    if case == "truncated":
+        truncate(path)
+    ref = ["--ref-data", "folder", "--ref-data-path", str(tmp_path / "nowhere")] if case == "ref_data" else ["--ref-stats", path]
+    monkeypatch.setattr(fid, "generate_n", fail)
+    with pytest.raises(UserError, match=match):
+        fid.main(["--ckpt", ckpt, "--num-samples", "4", *ref, "--extractor", clf, "--device", "cpu",
+                  "--out", str(tmp_path / "r.json")])
+
+
+def test_frechet_mismatch_names_the_shapes():
+    with pytest.raises(UserError, match=r"sigma \(3, 3\) vs the reference's mu \(3,\), sigma \(3,\)"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.ones(3))
+
+
+def test_training_fid_checks_its_reference_when_built(folder_and_classifier, tmp_path):
+    root, images, clf = folder_and_classifier
+    train_images = fid.load_images(images)[0]
+    np.savez(tmp_path / "d64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "nan.npz", mu=np.zeros(128), sigma=np.full((128, 128), np.nan))
+    with pytest.raises(UserError, match=r"--fid-ref-stats .*do not fit the 128-d"):
+        fid.TrainingFID(clf, None, str(tmp_path / "d64.npz"), train_images, "cpu", 2, 6)
+    with pytest.raises(UserError, match=r"--fid-ref-stats .*finite"):
+        fid.TrainingFID(clf, None, str(tmp_path / "nan.npz"), train_images, "cpu", 2, 6)
+    with pytest.raises(UserError, match="--fid-extractor"):
+        fid.TrainingFID(str(tmp_path / "none.pt"), None, None, train_images, "cpu", 2, 6)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--samples", "S", "--out", "FILE/r.json"], "cannot write to --out"),
+    (["--samples", "S", "--out", "r.txt"], "--out .* must end in .json"),
+    (["--samples", "S", "--save-ref-stats", "FILE/ref.npz"], "cannot write to --save-ref-stats"),
+    (["--samples", "S", "--save-ref-stats", "ref"], "--save-ref-stats .* must end in .npz"),
+    (["--train-classifier", "FILE/clf.pt"], "cannot write to --train-classifier"),
+    (["--train-classifier", "clf.pth"], "--train-classifier .* must end in .pt"),
+])
+def test_output_paths_are_checked_before_the_work(tmp_path, monkeypatch, argv, match):
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    monkeypatch.setattr(fid, "load_extractor", fail)
+    monkeypatch.setattr(fid, "train_classifier", fail)
+    argv = [str(tmp_path / a) if a.startswith(("S", "FILE", "r", "clf")) else a for a in argv]
+    with pytest.raises(UserError, match=match):
+        fid.main([*argv, "--device", "cpu"])
+
+
+def test_bad_samples_and_classifiers_are_one_line(tmp_path):
+    clf = hand_classifier(tmp_path / "clf.pt")
+    good = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    for name, arrays, match in [("nchw", dict(arr_0=good.transpose(0, 3, 1, 2)), r"C = 1 or 3.*\(4, 3, 8, 8\)"),
+                                ("tiny", dict(arr_0=good[:, :2, :2]), "at least 4 x 4 pixels, got 4 of 2 x 2"),
+                                ("empty", dict(arr_0=good[:0]), "at least 2 images"),
+                                ("protocol", dict(arr_0=good, protocol="not json"), "'protocol' entry is not JSON"),
+                                ("object", dict(arr_0=np.array([1, None], dtype=object)), "cannot read"),
+                                ("truncated", dict(arr_0=good), "cannot read")]:
+        path = str(tmp_path / f"{name}.npz")
+        np.savez(path, **arrays)
+        if name == "truncated":
+            truncate(path)
+        with pytest.raises(UserError, match=match):
+            fid.main(["--samples", path, "--extractor", clf, "--device", "cpu"])
+    assert fid.load_extractor(clf)[1]["dim"] == 128
+    truncate(clf)
+    with pytest.raises(UserError, match="--extractor .*cannot read"):
+        fid.load_extractor(clf)
+    with pytest.raises(UserError, match="4-channel images"):
+        fid.load_extractor(hand_classifier(tmp_path / "c4.pt", in_channels=4))
+    with pytest.raises(UserError, match="weights do not fit"):
+        fid.load_extractor(hand_classifier(tmp_path / "c13.pt", in_channels=3, state_channels=1))
+
+
+def test_sampling_flags_need_a_checkpoint_and_epochs_are_not_negative(tmp_path, monkeypatch, capsys):
+    with pytest.raises(UserError, match="--steps, --cfg-scale, --raw-weights: sampling flags, for --ckpt only"):
+        fid.main(["--samples", str(tmp_path / "s.npz"), "--steps", "3", "--cfg-scale", "2", "--raw-weights"])
+    with pytest.raises(SystemExit):
+        fid.main(["--train-classifier", str(tmp_path / "c.pt"), "--classifier-epochs", "-1"])
+    assert "--classifier-epochs: must be an integer >= 0" in capsys.readouterr().err
+    epochs = []
+    monkeypatch.setattr(fid, "train_classifier", lambda data, path, out, e, *a: epochs.append(e) or 0.5)
+    fid.main(["--train-classifier", str(tmp_path / "c.pt"), "--classifier-epochs", "0", "--device", "cpu"])
+    assert epochs == [0]        # 0: one step, the smoke test of docs/gpu_ab.sh
+
+
+# ----------------------------------------------------------------------------------------
 # The torch-fidelity path, with a registered stand-in for the Inception network
 # ----------------------------------------------------------------------------------------
 

@@ -193,6 +193,36 @@ def test_clear_errors(latents, images, vae_dir, tmp_path):
         load_vae(str(tmp_path / "empty"))
     r = run_script("encode_latents.py", *encode_args(images, tmp_path / "o", str(tmp_path / "missing")))
     assert r.returncode == 2 and "--vae" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()          # a VAE that fails to load leaves no empty --out
+
+
+def test_resume_refuses_damaged_output(latents, images, vae_dir, tmp_path, monkeypatch):
+    import shutil
+
+    def copy(name, done=10):
+        out = tmp_path / name
+        shutil.copytree(latents, out)
+        meta = {**json.load(open(out / "meta.json")), "done": done}
+        if done is None:
+            del meta["done"]
+        json.dump(meta, open(out / "meta.json", "w"))
+        return out
+    out = copy("truncated")
+    size = os.path.getsize(out / "moments.npy")
+    with open(out / "moments.npy", "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(UserError, match="moments.npy is unreadable or shorter than its header says"):
+        encode_latents.main(encode_args(images, out, vae_dir))
+    assert os.path.getsize(out / "moments.npy") == size - 1000       # not extended with zeros
+    with pytest.raises(UserError, match="no valid 'done' count"):
+        encode_latents.main(encode_args(images, copy("no_done", done=None), vae_dir))
+    with pytest.raises(UserError, match="lacks done"):
+        LatentSet(str(tmp_path / "no_done"))
+
+    (tmp_path / "file").write_text("a file, not a directory")
+    monkeypatch.setattr(encode_latents, "load_vae", lambda *a: pytest.fail("loaded the VAE before checking --out"))
+    with pytest.raises(UserError, match="cannot write to --out"):
+        encode_latents.main(encode_args(images, tmp_path / "file" / "out", vae_dir))
 
 
 def test_pixel_path_does_not_import_diffusers():
