@@ -128,14 +128,15 @@ def check_comparable(run_dirs):
     for d in run_dirs:
         config, logs, _ = read_log(d)
         a = config["args"]
-        key = (arm_of(config), a["seed"])
-        if os.path.realpath(d) in seen.values() or key in seen:
-            raise UserError(f"{d!r}: {'listed twice' if os.path.realpath(d) in seen.values() else 'a second run'} "
-                            f"of arm {key[0]}, seed {key[1]}")
-        seen[key] = os.path.realpath(d)
+        key, real = (arm_of(config), a["seed"]), os.path.realpath(d)
+        if real in seen.values():
+            raise UserError(f"{d!r} is listed twice")
+        if key in seen:
+            raise UserError(f"{d!r} and {seen[key]!r} are both arm {key[0]}, seed {key[1]}")
+        seen[key] = real
         # the contrastive arm is flow matching with two views; every other arm shares one objective
         objective = "flow" if a.get("objective", "flow") == "contrastive" else a.get("objective", "flow")
-        kinds.add((a["data"], a.get("image_size"), a["model"], objective))
+        kinds.add((a["data"], a["data_path"], a.get("image_size"), a["model"], objective))
         steps.add(logs[-1]["step"] if logs else None)
     if len(kinds) > 1:
         raise UserError("these runs differ in data, model or objective, so a paired table means nothing: "

@@ -71,8 +71,9 @@ def _torchvision_set(cls_name, path, flip):
     try:
         ds = getattr(torchvision.datasets, cls_name)(path, train=True, download=True)
     except Exception as e:  # no internet, a corrupt archive, a read-only directory ...
-        # torchvision made <path>/<cls_name>/raw before it failed: remove what it left empty, so
-        # that a mistyped path leaves nothing, and an image folder does not gain a class
+        # torchvision made <path> (and for MNIST-style sets <path>/<cls_name>/raw) before it
+        # failed: remove what it left empty, so that a mistyped path leaves nothing behind and an
+        # image folder does not gain a class
         for d in (os.path.join(path, cls_name, "raw"), os.path.join(path, cls_name)) + (() if existed else (path,)):
             with contextlib.suppress(OSError):
                 os.rmdir(d)             # only ever removes an empty directory

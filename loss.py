@@ -229,7 +229,8 @@ class FlowMatching:
     def __call__(self, net, x, y, draws, extra_blocks=()):
         """Loss terms of a batch x (B, C, H, W) with labels y and its slice of draw(). Returns
         {flow, disp, total, blocks}: blocks holds the outputs of the regularised blocks and of
-        extra_blocks (train.py asks for all of them at log steps, for its diagnostics)."""
+        extra_blocks (train.py asks for all of them at log steps, for its diagnostics, and under
+        --compile at every step: train.blocks_to_return)."""
         xt, t, y, target = self.inputs(x, y, draws)
         pred, blocks = net(xt, t, y, return_blocks=self.reg.blocks_needed(extra_blocks))
         flow = F.mse_loss(pred.float(), target.float())

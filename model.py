@@ -132,9 +132,10 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     # The sin-cos frequencies of the time embedding (periods 2*pi .. 2*pi*10000) were designed
     # for DDPM's integer steps 0..1000; t in [0, 1] would move only the fastest few of them (the
-    # rest would stay nearly constant), so it is scaled by 1000 first, as DiT's integer steps are. (SiT, the paper's flow model, feeds
-    # t in [0, 1] unscaled: a choice of ours that keeps DiT's and flow checkpoints alike;
-    # MeanFlowDiT goes back to SiT's, for the reason its docstring gives.)
+    # rest would stay nearly constant), so it is scaled by 1000 first, as DiT's integer steps
+    # are. (SiT, the paper's flow model, feeds t in [0, 1] unscaled: a choice of ours that keeps
+    # DiT's and flow checkpoints alike; MeanFlowDiT goes back to SiT's, for the reason its
+    # docstring gives.)
     time_scale = 1000.0
 
     def __init__(self, image_size=32, in_channels=3, patch=2, hidden=384, depth=12, heads=6,

@@ -77,6 +77,10 @@ def sampler(objective, solver=None, steps=None):
     if name not in Obj.solvers:
         raise UserError(f"--solver {name}: {objective} models are sampled with {', '.join(Obj.solvers)}")
     fn = Obj.solver_fns.get(name) or ODE_SOLVERS[name]
+    if name == "dopri5":                # adaptive: it chooses its own steps
+        if steps is not None:
+            raise UserError("--steps: dopri5 chooses its own steps (its tolerances are SiT's)")
+        return fn, name, None
     return fn, name, steps or Obj.sample_steps
 
 
@@ -199,7 +203,7 @@ def main(argv=None):
     a("--num-samples", type=number(int, min=1), default=None, help="number of images (default: 8 rows of the grid)")
     a("--batch-size", type=number(int, min=1), default=256, help="images per forward pass")
     a("--nrow", type=number(int, min=1), default=None, help="images per grid row (default: classes, at most 16)")
-    a("--out", default="samples.png", help=".png for a grid, .npz for arr_0 uint8 NHWC + arr_1 labels")
+    a("--out", default="samples.png", help=".png or .jpg for a grid, .npz for arr_0 uint8 NHWC + arr_1 labels")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--vae", default=None, help="latent checkpoints: the VAE that decodes them (default: the one recorded in the "
       "checkpoint); a local directory works offline")
@@ -208,8 +212,6 @@ def main(argv=None):
     output_file(args.out, "--out", (".png", ".jpg", ".npz"))
     device = pick_device(args.device)
     ckpt, model, objective, decode = load_model(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)
-    if args.solver == "dopri5" and args.steps is not None:
-        raise UserError("--steps: dopri5 chooses its own steps (its tolerances are SiT's)")
     solver, args.solver, args.steps = sampler(objective, args.solver, args.steps)
     note = OBJECTIVES[objective].sampling_note(ckpt.get("args", {}), args.cfg_scale)
     if note:
@@ -240,7 +242,7 @@ def main(argv=None):
     if args.out.endswith(".npz"):
         # 'protocol' (a JSON string) lets fid.py record how the samples were made.
         protocol = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": args.solver,
-                    "steps": None if args.solver == "dopri5" else args.steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed,
+                    "steps": args.steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed,
                     "nfe_per_batch": counter["nfe"] / batches}
         np.savez(args.out, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy(),
                  protocol=np.array(json.dumps(protocol)))

@@ -151,9 +151,8 @@ def blocks_to_return(depth, compiled, log_now):
     """Blocks whose outputs a step returns besides the regularised ones: all of them at log steps,
     for the diagnostics, and under torch.compile at every step. The blocks returned are part of
     the compiled graph, so asking for them at log steps only would compile a second graph at the
-    first log step (a 6-step run of DiT-Mi/4 on a busy 2-core CPU, Inductor's caches off: 143 s
-    with two graphs, 99 s with one; on an H200 one graph of DiT-S/2 compiles in 28-41 s). They
-    are computed anyway (the residual stream), so returning them costs no arithmetic."""
+    first log step (about as long as the first; docs/speed.md has the timings). They are
+    computed anyway (the residual stream), so returning them costs no arithmetic."""
     return tuple(range(1, depth + 1)) if log_now or compiled else ()
 
 
@@ -202,6 +201,7 @@ def main(argv=None):
     decode = data.decoder(device) if main_proc and args.sample_every and args.data == "latents" else None
     fid_eval = fid.TrainingFID.from_args(args, data, device) if main_proc else None
 
+    # Batches refuses a batch larger than the data: before rundir.create, so that no directory is left
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)
     rundir.create(args.out, fresh=ckpt is None, main_proc=main_proc)

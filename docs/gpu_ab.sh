@@ -170,7 +170,8 @@ for arm in baseline dispersive; do
     grid=$(ls "$WORK/$arm"/samples/step_*.png 2>/dev/null | tail -1)
     [ -n "$grid" ] && cp "$grid" "$out/grid_$arm.png"
     say "$arm: last grid ${grid:-none}; checkpoint $(ls "$WORK/$arm"/checkpoints/ 2>/dev/null | tail -1)"
-    grep -q '"type": "train"' "$WORK/$arm/metrics.jsonl" 2>/dev/null && runs+=("$WORK/$arm")
+    # scored: a run with a checkpoint (ab.py refuses to sample one without); ab.md lists the others
+    ls "$WORK/$arm"/checkpoints/step_*.pt > /dev/null 2>&1 && runs+=("$WORK/$arm")
     grep -a -E 'Error|error:|stopped by' "$WORK/$arm.log" | tail -3
 done
 write_log
@@ -202,19 +203,27 @@ if [ ${#runs[@]} -gt 0 ]; then
         say "no probe: $(left) s left, it wants $PROBE_MIN_S"
     fi
 else
-    say "no run has a training log line: nothing to score"
+    say "no run has a checkpoint: nothing to score"
 fi
 write_log
 
 # --- 5. ab.md: what each arm trained (steps, images seen, epochs), then ab.py's table ----------
 $py - "$WORK" "$n_images" "$EVAL_SAMPLES" "$clf" > "$out/ab.md" <<'EOF'
 import glob, json, os, re, sys
+def records(path):      # metrics.jsonl, minus a last line a kill cut short
+    out = []
+    for line in open(path):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
 work, n_images, eval_samples, clf = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 print("# Baseline vs dispersive loss: CIFAR-10 (the JPEG copy), docs/gpu_ab.sh\n")
 scored = {}
 for arm in ("baseline", "dispersive"):
     path = os.path.join(work, arm, "metrics.jsonl")
-    lines = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    lines = records(path) if os.path.exists(path) else []
     config = next((l for l in lines if l.get("type") == "config"), None)
     train = [l for l in lines if l.get("type") == "train"]
     if not config or not train:

@@ -115,9 +115,9 @@ def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys
     train.main(tiny_args(image_folder, runs["d0"], "--steps", "2"))
     train.main(tiny_args(image_folder, runs["d0_longer"], "--steps", "3"))
     cmp = ["--root", str(tmp_path / "ab")]
-    with pytest.raises(UserError, match="listed twice of arm baseline, seed 0"):
+    with pytest.raises(UserError, match="b0' is listed twice"):
         ab.main(["--compare", runs["b0"], runs["b0"], *cmp])
-    with pytest.raises(UserError, match="a second run of arm dispersive, seed 0"):
+    with pytest.raises(UserError, match="are both arm dispersive, seed 0"):
         ab.main(["--compare", runs["b0"], runs["d0"], runs["d0_longer"], *cmp])
     with pytest.raises(UserError, match="--compare evaluates existing runs: --model DiT-Ti/4 would do nothing"):
         ab.main(["--compare", runs["b0"], runs["d0"], *cmp, "--", "--model", "DiT-Ti/4"])

@@ -97,6 +97,9 @@ def test_sampler_defaults_and_refusals():
     assert sampler("flow")[1:] == ("euler", 50) and sampler("flow", "heun", 7)[1:] == ("heun", 7)
     with pytest.raises(UserError, match="flow models are sampled with euler, heun, dopri5"):
         sampler("flow", "meanflow")
+    assert sampler("flow", "dopri5")[1:] == ("dopri5", None)      # adaptive: no step count to record
+    with pytest.raises(UserError, match="dopri5 chooses its own steps"):
+        sampler("flow", "dopri5", 7)
 
 
 def test_generate_and_grid(tmp_path):
