@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import IMAGE_EXTS, load_dataset
+from rundir import resolve_checkpoint
 from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
 from utils import HelpFormatter, UserError, number, output_file, pick_device, run_main
 
@@ -359,7 +360,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--samples", default=None, help="images to score: sample.py's .npz (arr_0 uint8 NHWC) or a directory of images")
-    a("--ckpt", default=None, help="or a checkpoint: fid.py draws --num-samples images from it first")
+    a("--ckpt", default=None, help="or a checkpoint (or a run directory: its newest): fid.py draws --num-samples images from it first")
     a("--num-samples", type=int, default=None, help="images to score (default: all of --samples; 50000 with --ckpt)")
     a("--solver", default=None, choices=SOLVERS, help="solver with --ckpt (default: the checkpoint's objective's)")
     a("--steps", type=number(int, min=1), default=None, help="solver steps with --ckpt (default: the objective's)")
@@ -393,6 +394,8 @@ def main(argv=None):
         return
     if (args.samples is None) == (args.ckpt is None):
         raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
+    if args.ckpt:
+        args.ckpt = resolve_checkpoint(args.ckpt)       # a run directory: its newest checkpoint
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
     if args.samples:

@@ -46,7 +46,7 @@ from data import load_dataset
 from loss import block_stats, parse_blocks
 from objectives import OBJECTIVES
 from plots import arm_of
-from rundir import list_checkpoints
+from rundir import resolve_checkpoint
 from sample import load_model
 from utils import HelpFormatter, UserError, autocast, number, output_file, pick_device, run_main
 
@@ -143,18 +143,6 @@ def parse_floats(text, flag="--t", low=0.0, high=1.0):
         raise UserError(f"{flag} {text!r}: expected comma-separated numbers in [{low:g}, {high:g}]"
                         + (" (noise levels: 1 = data)" if flag == "--t" else ""))
     return vals
-
-
-def resolve_checkpoint(path):
-    """A checkpoint file, or a run directory's newest checkpoint."""
-    if os.path.isdir(path):
-        found = list_checkpoints(path)
-        if not found:
-            raise UserError(f"no checkpoint in {os.path.join(path, 'checkpoints')}")
-        return found[0]
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} does not exist")
-    return path
 
 
 def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_samples=2000, stats_samples=512,

@@ -68,6 +68,8 @@ def load_checkpoint(path, map_location="cpu"):
             raise UserError(f"refusing to load {path!r}: it holds pickled Python objects, which could run code "
                             f"when loaded ({unsafe[0].split(' was not')[0]})") from None
         first = (str(e).strip().splitlines() or [""])[0][:200]
+        if isinstance(e, pickle.UnpicklingError):   # torch's text here is about weights_only, not this file
+            first = "not a file torch.save wrote"
         raise UserError(f"cannot read checkpoint {path!r} (damaged or not a checkpoint): {type(e).__name__} {first}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path!r} is not a checkpoint written by train.py (no 'model' / 'model_config' entries)")
@@ -100,6 +102,18 @@ def find_resume_checkpoint(path):
         except UserError as e:
             print(f"warning: skipping unreadable checkpoint ({e})", file=sys.stderr)
     raise UserError(f"--resume {path!r}: no checkpoint found in {os.path.join(path, 'checkpoints')}")
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run directory's newest checkpoint."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise UserError(f"no checkpoint in {os.path.join(path, 'checkpoints')}")
+        return found[0]
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} does not exist")
+    return path
 
 
 def save_checkpoint(run_dir, step, state, keep):

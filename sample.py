@@ -22,7 +22,7 @@ from tqdm import tqdm
 import latents
 from model import build_model
 from objectives import OBJECTIVES
-from rundir import load_checkpoint
+from rundir import load_checkpoint, resolve_checkpoint
 from utils import HelpFormatter, UserError, autocast, number, output_file, pick_device, run_main
 
 
@@ -191,7 +191,7 @@ def parse_labels(text, num_classes):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--ckpt", required=True, help="checkpoint written by train.py")
+    a("--ckpt", required=True, help="checkpoint written by train.py, or a run directory (its newest checkpoint)")
     a("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     a("--solver", default=None, choices=SOLVERS, help="default: the checkpoint's objective's (flow matching: "
       "euler; dopri5 is SiT's adaptive solver, the paper's; meanflow and ddim for those objectives)")
@@ -210,6 +210,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     output_file(args.out, "--out", (".png", ".jpg", ".npz"))
+    args.ckpt = resolve_checkpoint(args.ckpt)
     device = pick_device(args.device)
     ckpt, model, objective, decode = load_model(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)
     solver, args.solver, args.steps = sampler(objective, args.solver, args.steps)

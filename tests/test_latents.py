@@ -176,6 +176,13 @@ def test_train_checkpoint_sample_and_decode(latents, vae_dir, tmp_path, monkeypa
     assert npz["arr_1"].tolist() == [0, 1, 2, 0, 1]
     with pytest.raises(UserError, match="--vae DIR"):
         run_sample("--vae", str(tmp_path / "run"), "--out", str(tmp_path / "g.png"))    # a directory, not a VAE
+    # the VAE moved: sampling says so; the probe and ab.py, which never decode, do not need it
+    ck["vae"]["name"] = str(tmp_path / "moved_vae")
+    ckpt_path = str(tmp_path / "moved.pt")
+    torch.save(ck, ckpt_path)
+    with pytest.raises(UserError, match="the checkpoint's VAE .*moved_vae' is not there any more; pass --vae DIR"):
+        run_sample("--steps", "1", "--out", str(tmp_path / "g.png"))
+    assert sample.load_model(ckpt_path, need_decoder=False)[3] is None
 
 
 def test_clear_errors(latents, images, vae_dir, tmp_path):

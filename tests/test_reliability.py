@@ -155,6 +155,8 @@ def test_foreign_and_mismatched_checkpoints(image_folder, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a zip file")
     r = run_script("sample.py", "--ckpt", str(tmp_path / "garbage.pt"))
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr
+    with pytest.raises(UserError, match=r"\(damaged or not a checkpoint\): UnpicklingError not a file torch.save wrote$"):
+        load_checkpoint(str(tmp_path / "garbage.pt"))     # not torch's advice about weights_only
 
 
 def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, capsys):

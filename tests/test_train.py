@@ -355,6 +355,8 @@ def test_sample_checks_its_flags_before_sampling(image_folder, tmp_path):
                            (["--solver", "dopri5", "--steps", "5"], "--steps: dopri5 chooses its own steps")]:
         with pytest.raises(UserError, match=message):
             sample.main(flags + extra)
+    sample.main(["--ckpt", str(out), "--device", "cpu", "--steps", "1", "--out", str(tmp_path / "g.png")])  # a run dir
+    assert (tmp_path / "g.png").is_file()
 
 
 def test_sample_class_labels_and_raw_weights(image_folder, tmp_path):
