@@ -211,11 +211,13 @@ def load_images(path):
     return images, protocol
 
 
-def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None):
-    """n images, classes in turn (the same labels and noise for every model, so A/B arms match)."""
+def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None,
+               stop=None):
+    """n images, classes in turn (the same labels and noise for every model, so A/B arms match);
+    None if `stop` (generate_many's) was raised on the way."""
     g = torch.Generator(device).manual_seed(seed)
     return generate_many(model, grid_labels(model.num_classes, n), solver, steps, batch_size=batch_size, generator=g,
-                         cfg_scale=cfg_scale, decode=decode)
+                         cfg_scale=cfg_scale, decode=decode, stop=stop)
 
 
 def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu",
@@ -305,9 +307,13 @@ class TrainingFID:
     def due(self, step):
         return step % self.every == 0
 
-    def __call__(self, model, objective, seed):
+    def __call__(self, model, objective, seed, stop=None):
+        """The log line's fields; None if a signal (`stop`) arrived meanwhile: the run's checkpoint
+        comes first, within a scheduler's grace period, not after minutes of sampling."""
         fn, solver, steps = sampler(objective, None, self.steps)
-        images = generate_n(model, self.n, fn, steps, cfg_scale=self.cfg_scale, seed=seed, device=self.device)
+        images = generate_n(model, self.n, fn, steps, cfg_scale=self.cfg_scale, seed=seed, device=self.device, stop=stop)
+        if images is None:
+            return None
         mu, sigma = statistics(features(self.fn, images, device=self.device))
         return {"metric": fid_name(self.info, self.n), "value": frechet_distance(mu, sigma, self.mu, self.sigma),
                 "num_samples": self.n, "solver": solver, "steps": steps, "cfg_scale": self.cfg_scale, "ema": True,

@@ -120,10 +120,14 @@ def generate(model, labels, solver, steps, *, cfg_scale=1.0, generator=None, dec
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def generate_many(model, labels, solver, steps, *, batch_size=256, generator=None, progress=False, **kwargs):
-    """generate() in batches for any number of labels; kwargs go to generate()."""
+def generate_many(model, labels, solver, steps, *, batch_size=256, generator=None, progress=False, stop=None,
+                  **kwargs):
+    """generate() in batches for any number of labels; kwargs go to generate(). stop: train.py's
+    signal flag ({"signal": ...}); once it is raised, None is returned before the next batch."""
     chunks, device = [], next(model.parameters()).device
     for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress):
+        if stop is not None and stop["signal"]:
+            return None
         y = labels[i:i + batch_size].to(device)
         chunks.append(generate(model, y, solver, steps, generator=generator, **kwargs).cpu())
     return torch.cat(chunks)

@@ -257,7 +257,9 @@ def main(argv=None):
                                 decode=decode)
                 save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
             if fid_eval is not None and fid_eval.due(done):
-                log(type="fid", step=done, **fid_eval(ema.eval(), args.objective, args.seed))
+                result = fid_eval(ema.eval(), args.objective, args.seed, stop)      # None: cut short by a signal
+                if result:
+                    log(type="fid", step=done, **result)
 
             # checkpoints, and a clean stop on SIGINT / SIGTERM (all GPUs agree at log steps)
             stopping = rundir.agree_to_stop(stop, device) if done % args.log_every == 0 or world == 1 else False

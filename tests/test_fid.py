@@ -152,6 +152,29 @@ def test_periodic_fid_is_logged(folder_and_classifier, tmp_path):
     assert all(r["metric"] == "FD-classifier-6" and np.isfinite(r["value"]) and r["num_samples"] == 6 for r in recs)
 
 
+def test_a_signal_skips_the_periodic_fid_for_the_checkpoint(folder_and_classifier, tmp_path, monkeypatch):
+    """SIGTERM during step 2, whose FID is due: no minutes of sampling first; the checkpoint at
+    once (a scheduler's grace period is short), and no FID line."""
+    import os
+    import signal
+    root, images, clf = folder_and_classifier
+    real_step = train.train_step
+
+    def step_with_a_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        if calls["steps"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)        # the handler only raises train.py's flag
+        calls["steps"] += 1
+        return out
+    calls = {"steps": 0}
+    monkeypatch.setattr(train, "train_step", step_with_a_signal)
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "4", "--fid-every", "2", "--fid-samples", "6",
+                         "--fid-extractor", clf, "--sample-steps", "2"))
+    recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert not [r for r in recs if r["type"] == "fid"] and recs[-1]["step"] == 2
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["step_0000002.pt"]
+
+
 def test_bad_inputs_are_one_line(tmp_path):
     r = run_script("fid.py", "--samples", str(tmp_path / "missing.npz"), "--extractor", str(tmp_path / "no.pt"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--extractor" in r.stderr
