@@ -372,7 +372,7 @@ def main(argv=None):
     a("--steps", type=number(int, min=1), default=None, help="solver steps with --ckpt (default: the objective's)")
     a("--cfg-scale", type=number(float), default=1.0, help="guidance scale with --ckpt (1 = none)")
     a("--raw-weights", action="store_true", help="with --ckpt, sample the raw weights instead of the EMA weights")
-    a("--seed", type=int, default=0, help="seed for the initial noise with --ckpt")
+    a("--seed", type=number(int, min=0, max=2**63 - 1), default=0, help="seed for the initial noise with --ckpt")
     a("--vae", default=None, help="with a latent --ckpt: the VAE that decodes it (default: the one the checkpoint "
       "records); a local directory works offline")
     a("--ref-stats", default=None, help="reference statistics .npz (mu, sigma) instead of computing them from --ref-data")
@@ -393,6 +393,8 @@ def main(argv=None):
     device = pick_device(args.device)
 
     if args.train_classifier:
+        if args.samples or args.ckpt:
+            raise UserError("--train-classifier trains the classifier only; score --samples / --ckpt in a second call")
         output_file(args.train_classifier, "--train-classifier", [".pt"])
         acc = train_classifier(args.ref_data, args.ref_data_path, args.train_classifier, args.classifier_epochs,
                                args.seed, device)
@@ -402,6 +404,8 @@ def main(argv=None):
         raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
     if args.ckpt:
         args.ckpt = resolve_checkpoint(args.ckpt)       # a run directory: its newest checkpoint
+    if args.ref_stats and (args.ref_data, args.ref_data_path) != (p.get_default("ref_data"), p.get_default("ref_data_path")):
+        raise UserError("--ref-stats is the reference; --ref-data / --ref-data-path would be ignored")
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
     if args.samples:

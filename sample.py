@@ -173,6 +173,8 @@ def load_model(ckpt_path, weights="ema", device="cpu", vae=None, need_decoder=Tr
     ckpt = load_checkpoint(ckpt_path)
     model = build_from_checkpoint(ckpt, weights).to(device).eval()
     decode = None
+    if vae and not ckpt.get("vae"):
+        raise UserError(f"--vae {vae!r}: this checkpoint's model works on pixels, not latents; there is nothing to decode")
     if ckpt.get("vae") and need_decoder:
         name = vae or ckpt["vae"]["name"]
         if vae is None and os.path.isabs(name) and not os.path.isdir(name):
@@ -202,7 +204,7 @@ def main(argv=None):
     a("--steps", type=number(int, min=1), default=None, help="solver steps (default: 50; MeanFlow: 1). Heun costs "
       "two evaluations per step; dopri5 chooses its own")
     a("--cfg-scale", type=number(float), default=1.0, help="classifier-free guidance scale w (1 = none)")
-    a("--seed", type=int, default=0, help="seed for the initial noise")
+    a("--seed", type=number(int, min=0, max=2**63 - 1), default=0, help="seed for the initial noise")
     a("--class-labels", default=None, help="comma-separated labels for the grid, e.g. 0,1,2 (default: all classes in turn)")
     a("--num-samples", type=number(int, min=1), default=None, help="number of images (default: 8 rows of the grid)")
     a("--batch-size", type=number(int, min=1), default=256, help="images per forward pass")

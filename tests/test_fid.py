@@ -304,6 +304,14 @@ def test_sampling_flags_need_a_checkpoint_and_epochs_are_not_negative(tmp_path, 
     monkeypatch.setattr(fid, "train_classifier", lambda data, path, out, e, *a: epochs.append(e) or 0.5)
     fid.main(["--train-classifier", str(tmp_path / "c.pt"), "--classifier-epochs", "0", "--device", "cpu"])
     assert epochs == [0]        # 0: one step, the smoke test of docs/gpu_ab.sh
+    # flags that would be ignored
+    with pytest.raises(UserError, match="--train-classifier trains the classifier only"):
+        fid.main(["--train-classifier", str(tmp_path / "c.pt"), "--samples", str(tmp_path / "s.npz")])
+    with pytest.raises(UserError, match="--ref-data / --ref-data-path would be ignored"):
+        fid.main(["--samples", str(tmp_path / "s.npz"), "--ref-stats", "r.npz", "--ref-data", "folder"])
+    with pytest.raises(SystemExit):
+        fid.main(["--samples", str(tmp_path / "s.npz"), "--seed", "99999999999999999999"])
+    assert "--seed: must be an integer >= 0 and <= 9223372036854775807" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------

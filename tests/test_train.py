@@ -352,7 +352,8 @@ def test_sample_checks_its_flags_before_sampling(image_folder, tmp_path):
     (tmp_path / "file").write_text("x")
     for extra, message in [(["--out", str(tmp_path / "file" / "s.png")], "cannot write to --out"),
                            (["--out", "s.NPZ"], "--out 's.NPZ': the file name must end in .png or .jpg or .npz"),
-                           (["--solver", "dopri5", "--steps", "5"], "--steps: dopri5 chooses its own steps")]:
+                           (["--solver", "dopri5", "--steps", "5"], "--steps: dopri5 chooses its own steps"),
+                           (["--vae", str(tmp_path)], "works on pixels, not latents; there is nothing to decode")]:
         with pytest.raises(UserError, match=message):
             sample.main(flags + extra)
     sample.main(["--ckpt", str(out), "--device", "cpu", "--steps", "1", "--out", str(tmp_path / "g.png")])  # a run dir
