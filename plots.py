@@ -276,7 +276,7 @@ def main(argv=None):
     a("runs", nargs="*", metavar="RUN_DIR", help="run directories (train.py's --out) whose metrics.jsonl to plot")
     a("--out", default="curves.png", help="the figure of the training curves (.png, .pdf or .svg)")
     a("--probe-json", nargs="+", default=[], metavar="JSON", help="probe.py results to plot as accuracy per block")
-    a("--probe-out", default=None, help="PNG of the probe accuracies (default: probe.png next to --out)")
+    a("--probe-out", default=None, help="the figure of the probe accuracies (default: probe.png next to --out)")
     args = p.parse_args(argv)
     if not args.runs and not args.probe_json:
         raise UserError("give run directories and/or --probe-json files")

@@ -209,30 +209,21 @@ write_log
 
 # --- 5. ab.md: what each arm trained (steps, images seen, epochs), then ab.py's table ----------
 $py - "$WORK" "$n_images" "$EVAL_SAMPLES" "$clf" > "$out/ab.md" <<'EOF'
-import glob, json, os, re, sys
-def records(path):      # metrics.jsonl, minus a last line a kill cut short
-    out = []
-    for line in open(path):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
+import os, sys
+from plots import read_log      # the project's reader of metrics.jsonl (it skips a torn last line)
+from rundir import checkpoint_step, list_checkpoints
 work, n_images, eval_samples, clf = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 print("# Baseline vs dispersive loss: CIFAR-10 (the JPEG copy), docs/gpu_ab.sh\n")
 scored = {}
 for arm in ("baseline", "dispersive"):
-    path = os.path.join(work, arm, "metrics.jsonl")
-    lines = records(path) if os.path.exists(path) else []
-    config = next((l for l in lines if l.get("type") == "config"), None)
-    train = [l for l in lines if l.get("type") == "train"]
+    run = os.path.join(work, arm)
+    config, train, _ = read_log(run) if os.path.exists(os.path.join(run, "metrics.jsonl")) else (None, [], [])
     if not config or not train:
         print(f"- {arm}: no training log")
         continue
     a = config["args"]
-    ckpts = sorted(int(re.search(r"step_(\d+)\.pt$", c).group(1))
-                   for c in glob.glob(os.path.join(work, arm, "checkpoints", "step_*.pt")))
-    step = scored[arm] = ckpts[-1] if ckpts else train[-1]["step"]    # the checkpoint ab.py scores
+    ckpts = list_checkpoints(run)                                   # newest first
+    step = scored[arm] = checkpoint_step(ckpts[0]) if ckpts else train[-1]["step"]    # the one ab.py scores
     seen = step * a["batch_size"]
     ips = [l["img_per_s"] for l in train[1:]] or [train[-1]["img_per_s"]]   # the first holds the compile
     print(f"- {arm}: {a['model']}, --disp-weight {a['disp_weight']:g} (tau {a['disp_tau']:g}, block(s) "
