@@ -4,10 +4,17 @@ same seeds, same data, same number of forward passes.
     python ab.py --steps 20000 --seeds 0,1,2 --root runs/ab -- --data cifar10 --model DiT-S/2
     python ab.py --arms baseline,dispersive,contrastive ...       # + the paired contrastive arm
     python ab.py --compare runs/ab/baseline_s0 runs/ab/dispersive_s0 ...   # existing runs, no training
+    python ab.py --disp-variant infonce_l2 infonce_cos hinge covariance ...  # the paper's Table 1
+    python ab.py --disp-weight 0.25 0.5 1 --disp-tau 0.25 0.5 1 2 ...        # its lambda x tau sweep
 
 For each seed every arm is trained with train.py's own main(): the weights, the data order and
 every step's noise are functions of (seed, step), so the baseline and dispersive arms differ only
-in the regulariser. Each run is then evaluated the same way, and a markdown table (mean and std
+in the regulariser. Several values of --disp-weight, --disp-tau, --disp-variant or --disp-block
+train the dispersive (and contrastive) arm once per combination, each compared with the one
+baseline of its seed; a run is named by the settings that differ from the paper's
+(plots.arm_of): <root>/dispersive_hinge_w0.25_s0, "dispersive hinge λ=0.25" in the table.
+
+Each run is then evaluated the same way, and a markdown table (mean and std
 over seeds, and the paired per-seed difference from the baseline) is printed and written to
 <root>/ab.md, with <root>/ab.json and, where matplotlib is installed, <root>/curves.png, the runs'
 training curves (plots.py).
@@ -26,6 +33,7 @@ block's accuracy is in the probe's JSON next to the checkpoint (ab.json's probe_
 A run directory that already holds the final checkpoint is not trained again.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -38,16 +46,31 @@ import plots
 import probe
 import train
 from data import load_dataset
+from loss import VARIANTS
 from objectives import OBJECTIVES
-from plots import arm_of, read_log
+from plots import arm_of, arm_order, read_log
 from rundir import list_checkpoints, load_checkpoint
 from sample import load_model, sampler
 from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
 
-# The arms: train.py flags on top of the common ones. W is --disp-weight's value.
-ARMS = {"baseline": lambda w: ["--disp-weight", "0"],
-        "dispersive": lambda w: ["--disp-weight", str(w)],
-        "contrastive": lambda w: ["--objective", "contrastive", "--disp-weight", str(w)]}
+# The arms: train.py flags on top of the common ones; the regularised two also get one
+# combination of the swept settings (sweep).
+ARMS = {"baseline": ["--disp-weight", "0"], "dispersive": [], "contrastive": ["--objective", "contrastive"]}
+SWEPT = ("--disp-weight", "--disp-tau", "--disp-variant", "--disp-block")      # ab.py's flags, as train.py's
+
+
+def sweep(args):
+    """train.py flags for each combination of the values given to ab.py's SWEPT flags."""
+    given = [[(flag, v) for v in vals] for flag in SWEPT
+             if (vals := getattr(args, flag[2:].replace("-", "_"))) is not None]
+    return [[str(x) for pair in combo for x in pair] for combo in itertools.product(*given)]
+
+
+def run_dir(root, argv, seed):
+    """<root>/<arm>_s<seed> for the train.py flags argv; the arm's name lists the settings that
+    differ from the paper's (plots.arm_of)."""
+    name = arm_of({"args": vars(train.get_args(argv))}, dir_name=True)
+    return os.path.join(root, f"{name}_s{seed}")
 KEYS = ("run", "arm", "seed", "step", "probe_json")     # a row's fields that are not table columns
 
 
@@ -168,7 +191,7 @@ def table(rows):
     metrics = []
     for r in rows:
         metrics += [k for k in r if k not in KEYS and k not in metrics]
-    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    arms = sorted({r["arm"] for r in rows}, key=arm_order)
     lines = ["| arm | seeds | steps | " + " | ".join(metrics) + " |", "|" + " --- |" * (3 + len(metrics))]
     for arm in arms:
         rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
@@ -192,7 +215,15 @@ def main(argv=None):
     a("--steps", type=number(int, min=1), default=None, help="training budget in steps, per run (needed unless --compare)")
     a("--seeds", default="0", help="comma-separated seeds; each trains every arm")
     a("--arms", default="baseline,dispersive", help=f"comma-separated arms among {', '.join(ARMS)}")
-    a("--disp-weight", type=number(float, above=0), default=0.5, help="lambda of the dispersive and contrastive arms")
+    a("--disp-weight", type=number(float, above=0), nargs="+", default=[0.5], metavar="W", help="lambda of the "
+      "dispersive and contrastive arms; several values, here or in the three flags below, train those arms once "
+      "per combination")
+    a("--disp-tau", type=number(float, above=0), nargs="+", default=None, metavar="TAU",
+      help="tau (default: train.py's)")
+    a("--disp-variant", choices=VARIANTS, nargs="+", default=None, metavar="NAME",
+      help=f"the loss's form, among {', '.join(VARIANTS)} (default: train.py's)")
+    a("--disp-block", nargs="+", default=None, metavar="BLOCK", help="block(s) to regularise, each value as "
+      "train.py's --disp-block: '3 last' compares block 3 with the last (default: train.py's)")
     a("--root", default="runs/ab", help="where the runs (<root>/<arm>_s<seed>) and ab.md, ab.json go")
     a("--compare", nargs="+", default=None, metavar="RUN_DIR", help="evaluate these existing run directories; no training")
     a("--eval-samples", type=number(int, min=0), default=0, help="EMA samples per run for a Frechet distance (0: none)")
@@ -213,9 +244,9 @@ def main(argv=None):
     args, train_args = p.parse_known_args(argv)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
-    if any(a.split("=")[0] in ("--seed", "--steps", "--disp-weight", "--out", "--resume", "--objective") for a in train_args):
-        raise UserError("ab.py sets --seed, --steps, --disp-weight, --objective, --out and --resume itself; "
-                        "use its own flags")
+    own = ("--seed", "--steps", "--out", "--resume", "--objective") + SWEPT
+    if any(a.split("=")[0] in own for a in train_args):
+        raise UserError(f"ab.py sets {', '.join(own)} itself; use its own flags (--arms for --objective)")
     if args.compare and (train_args or args.steps is not None):
         raise UserError(f"--compare evaluates existing runs: {' '.join(train_args) or '--steps'} would do nothing")
     writable_dir(args.root, "--root")
@@ -235,21 +266,29 @@ def main(argv=None):
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-        run_dirs = []
+        runs = []                   # (run directory, train.py flags but --out and --resume)
         for seed in seeds:
             for arm in arms:
-                out = os.path.join(args.root, f"{arm}_s{seed}")
-                run_dirs.append(out)
-                have = list_checkpoints(out)
-                if have and load_checkpoint(have[0]).get("step") == args.steps:
-                    print(f"{out}: already trained to step {args.steps}")
-                    continue
-                print(f"--- training {out} ({arm}, seed {seed}, {args.steps} steps)")
-                train.main([*train_args, *ARMS[arm](args.disp_weight), "--steps", str(args.steps), "--seed", str(seed),
-                            "--out", out] + (["--resume"] if have else []))
-                done = list_checkpoints(out)
-                if not done or load_checkpoint(done[0]).get("step") != args.steps:   # stopped by a signal
-                    raise UserError(f"{out} stopped before step {args.steps}; run the same command again to continue")
+                for settings in ([[]] if arm == "baseline" else sweep(args)):
+                    argv = [*train_args, *settings, *ARMS[arm], "--steps", str(args.steps), "--seed", str(seed)]
+                    runs.append((run_dir(args.root, argv, seed), argv))
+        for out, argv in runs:       # a directory of other settings (by hand, or an older ab.py) is not reused
+            if os.path.isfile(os.path.join(out, "metrics.jsonl")):
+                there, wanted = arm_of(read_log(out)[0]), arm_of({"args": vars(train.get_args(argv))})
+                if there != wanted:
+                    raise UserError(f"{out} holds a run of arm {there!r}, not {wanted!r}; move it, or give "
+                                    f"another --root")
+        run_dirs = [out for out, _ in runs]
+        for out, argv in runs:
+            have = list_checkpoints(out)
+            if have and load_checkpoint(have[0]).get("step") == args.steps:
+                print(f"{out}: already trained to step {args.steps}")
+                continue
+            print(f"--- training {out} ({args.steps} steps)")
+            train.main([*argv, "--out", out] + (["--resume"] if have else []))
+            done = list_checkpoints(out)
+            if not done or load_checkpoint(done[0]).get("step") != args.steps:   # stopped by a signal
+                raise UserError(f"{out} stopped before step {args.steps}; run the same command again to continue")
 
     args.device = pick_device(args.eval_device)
     check_comparable(run_dirs)

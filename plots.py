@@ -11,10 +11,11 @@ or because they grew shows in the last two side by side.
 probe (--probe-out, with --probe-json): probe.py's held-out accuracy per block, one panel per
 noise level t, with the pixel baseline and the chance rate.
 
-One colour per arm (arm_of: baseline if disp_weight is 0, dispersive, contrastive), block by
-block in shades of it (darker = deeper) with the regularised block(s) drawn thick. Runs of the
-same arm (and weight and objective) are taken as seeds of it: their mean is drawn, and the
-seeds' min to max as a light band (error bars in the probe figure).
+One colour per arm (arm_of: baseline if disp_weight is 0, dispersive, contrastive, each with the
+settings that differ from the paper's: "dispersive hinge"), block by block in shades of it
+(darker = deeper) with the regularised block(s) drawn thick. Runs of the same arm (and
+objective) are taken as seeds of it: their mean is drawn, and the seeds' min to max as a light
+band (error bars in the probe figure).
 
 matplotlib is optional (pip install matplotlib) and draws to files only (the Agg backend). The
 reading of a run's log lives here too (read_log, arm_of), so ab.py and probe.py share it.
@@ -58,21 +59,56 @@ def read_log(run_dir):
     return recs[0], [r for r in recs if r.get("type") == "train"], [r for r in recs if r.get("type") == "fid"]
 
 
-def arm_of(config):
+# The settings the paper compares, with train.py's defaults (the paper's; a test checks they are
+# train.py's), and how an arm's name shows one that differs: in a table or legend, and in a run
+# directory's name.
+DEFAULTS = {"disp_variant": "infonce_l2", "disp_weight": 0.5, "disp_tau": 0.5, "disp_block": None}
+SHOWN = {"disp_variant": ("{}", "{}"), "disp_weight": ("λ={:g}", "w{:g}"), "disp_tau": ("τ={:g}", "tau{:g}"),
+         "disp_block": ("block {}", "b{}")}
+
+
+def settings_of(args):
+    """[(key, value)] of the regulariser's settings in args (a run's train.py arguments) that
+    differ from DEFAULTS. --disp-block is compared as the blocks it names, for this model."""
+    from loss import parse_blocks
+    from model import MODELS
+    out = []
+    for key, default in DEFAULTS.items():
+        value = args.get(key, default)
+        if key == "disp_block":
+            depth = MODELS[args["model"]][0]
+            same = parse_blocks(value, depth) == parse_blocks(default, depth)
+        else:
+            same = value == default
+        if not same:
+            out.append((key, value))
+    return out
+
+
+def arm_of(config, dir_name=False):
+    """A run's arm: baseline (lambda 0), dispersive, or contrastive (its paired comparison), then
+    the regulariser's settings that differ from the paper's: "dispersive hinge λ=0.25".
+    dir_name: the same as a directory name, "dispersive_hinge_w0.25"."""
     a = config["args"]
-    if a.get("objective", "flow") == "contrastive":
-        return "contrastive"
-    return "baseline" if a["disp_weight"] == 0 else "dispersive"
+    arm = "contrastive" if a.get("objective", "flow") == "contrastive" else \
+        "baseline" if a["disp_weight"] == 0 else "dispersive"
+    if arm == "baseline":        # lambda 0: the other settings change nothing
+        return arm
+    shown = [SHOWN[k][dir_name].format(v) for k, v in settings_of(a)]
+    if dir_name:
+        return "_".join([arm] + shown).replace(",", "-")
+    return " ".join([arm] + shown)
 
 
 def labels_of(kinds):
-    """kinds: [(arm, objective, disp_weight)] -> a label each: the arm, plus the weight where one
-    arm has several, plus the objective where it is not flow matching's."""
-    weights = {}
-    for arm, _, w in kinds:
-        weights.setdefault(arm, set()).add(w)
-    return [(f"{obj} " if obj not in ("flow", "contrastive") else "") + arm
-            + (f" λ={w:g}" if arm != "baseline" and len(weights[arm]) > 1 else "") for arm, obj, w in kinds]
+    """kinds: [(arm, objective)] -> a label each: the arm, with the objective where it is not
+    flow matching's (nor the contrastive arm's)."""
+    return [(f"{obj} " if obj not in ("flow", "contrastive") else "") + arm for arm, obj in kinds]
+
+
+def arm_order(arm):
+    """Sort key of arm names: baseline, then the dispersive arms, then the contrastive ones."""
+    return ARM_ORDER.index(arm.split()[0]), arm
 
 
 def group(items, kind):
@@ -81,7 +117,7 @@ def group(items, kind):
     groups = {}
     for label, it in zip(labels, items):
         groups.setdefault(label, []).append(it)
-    order = lambda lab: (min(ARM_ORDER.index(kind(it)[0]) for it in groups[lab]), lab)
+    order = lambda lab: (min(arm_order(kind(it)[0]) for it in groups[lab]), lab)
     return [(lab, groups[lab]) for lab in sorted(groups, key=order)]
 
 
@@ -137,7 +173,7 @@ def curves(run_dirs, out):
         if not logs:
             raise UserError(f"{d!r} has no training log lines")
         runs.append((config, logs))
-    kind = lambda run: (arm_of(run[0]), run[0]["args"].get("objective", "flow"), run[0]["args"]["disp_weight"])
+    kind = lambda run: (arm_of(run[0]), run[0]["args"].get("objective", "flow"))
     fig, axes = plt.subplots(2, 2, figsize=CURVES_SIZE, dpi=DPI)
     panels = [("flow", "flow loss (training batch)", False), ("disp_diag", "dispersive loss of the regularised "
               "block(s), disp_diag", False), ("block_dist", "mean squared pairwise distance / d, per block", True),
@@ -221,7 +257,7 @@ def probe_figure(results, out):
     if not results:
         raise UserError("no probe results to plot")
     ts = sorted({r["t"] for res in results for r in res["rows"]}, reverse=True)
-    kind = lambda res: (res.get("arm") or "baseline", res.get("objective", "flow"), res.get("disp_weight") or 0)
+    kind = lambda res: (res.get("arm") or "baseline", res.get("objective", "flow"))
     depth = max(res["depth"] for res in results)
     fig, axes = plt.subplots(1, len(ts), figsize=(max(6.0, 1.1 * depth + 3) * len(ts), 4.8), dpi=DPI, squeeze=False)
     drawn = {}

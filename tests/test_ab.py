@@ -15,6 +15,13 @@ from rundir import list_checkpoints, load_checkpoint
 from utils import UserError
 
 
+def ab_train_args(image_folder, *extra):
+    """tiny_args without --out: ab.py chooses it (passing it is an error, tested below)."""
+    targs = tiny_args(image_folder, "unused", *extra)
+    i = targs.index("--out")
+    return targs[:i] + targs[i + 2:]
+
+
 def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch, capsys):
     seen = []          # (seed, step, indices) for every batch every run drew, in order
 
@@ -26,10 +33,7 @@ def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch
     monkeypatch.setattr(data, "BatchStream", Recording)
 
     root = tmp_path / "ab"
-    # tiny_args' --out is dropped: ab.py chooses it (passing it is an error, tested below)
-    targs = tiny_args(image_folder, "unused", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "0")
-    i = targs.index("--out")
-    targs = targs[:i] + targs[i + 2:]
+    targs = ab_train_args(image_folder, "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "0")
     probe_args = ["--probe", "--probe-t", "0.9,0.5", "--probe-train-samples", "16", "--probe-test-samples", "8"]
     rows = ab.main(["--steps", "3", "--seeds", "0,1", "--disp-weight", "0.5", "--root", str(root), *probe_args,
                     "--", *targs])
@@ -142,3 +146,50 @@ def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys
     assert "ema_flow" in rows[0] and "ema_flow" not in rows[1]
     with pytest.raises(UserError, match="has no checkpoint to sample or probe"):
         ab.main(["--compare", no_ckpt, runs["b0"], "--probe", *cmp])
+
+
+def test_arm_names_show_the_settings_that_differ_from_the_papers():
+    """An arm is named by what differs from the paper's lambda, tau, variant and block, in tables and
+    legends and, in its directory form, in ab.py's run directories."""
+    defaults = vars(train.get_args([]))
+    assert {k: defaults[k] for k in plots.DEFAULTS} == plots.DEFAULTS
+    config = lambda **changes: {"args": {**defaults, "model": "DiT-S/2", **changes}}      # 12 blocks
+    names = lambda **changes: (plots.arm_of(config(**changes)), plots.arm_of(config(**changes), dir_name=True))
+    assert names() == ("dispersive", "dispersive")
+    assert names(disp_weight=0, disp_variant="hinge") == ("baseline", "baseline")     # lambda 0: nothing else matters
+    assert names(disp_variant="hinge", disp_weight=0.25) == ("dispersive hinge λ=0.25", "dispersive_hinge_w0.25")
+    assert names(disp_block="3") == ("dispersive", "dispersive")        # block 3 of 12 is depth // 4, the default
+    assert names(disp_block="last", disp_tau=1.0) == ("dispersive τ=1 block last", "dispersive_tau1_blast")
+    assert names(disp_block="3,6") == ("dispersive block 3,6", "dispersive_b3-6")
+    assert names(objective="contrastive", disp_variant="infonce_cos") == ("contrastive infonce_cos",
+                                                                          "contrastive_infonce_cos")
+    assert names(disp_group_size=0) == ("dispersive", "dispersive")     # not one of the paper's comparisons
+
+
+def test_ab_sweeps_the_papers_settings(image_folder, tmp_path):
+    """Several values of ab.py's --disp-* flags: one run of the dispersive arm per combination, each
+    with its own settings and directory, and each paired with the one baseline."""
+    root = tmp_path / "ab"
+    targs = ab_train_args(image_folder)
+    ab.main(["--steps", "2", "--seeds", "0", "--disp-variant", "infonce_l2", "hinge", "--disp-tau", "0.5", "1",
+             "--root", str(root), "--", *targs])
+    runs = {p.name: read_jsonl(p / "metrics.jsonl")[0]["args"] for p in root.iterdir() if p.is_dir()}
+    assert sorted(runs) == ["baseline_s0", "dispersive_hinge_s0", "dispersive_hinge_tau1_s0", "dispersive_s0",
+                            "dispersive_tau1_s0"]
+    assert runs["baseline_s0"]["disp_weight"] == 0 and runs["baseline_s0"]["disp_variant"] == "infonce_l2"
+    assert [runs["dispersive_hinge_tau1_s0"][k] for k in ("disp_variant", "disp_tau", "disp_weight")] == ["hinge", 1, 0.5]
+    assert [runs["dispersive_s0"][k] for k in ("disp_variant", "disp_tau")] == ["infonce_l2", 0.5]
+    lines = [line.split("|")[1].strip() for line in (root / "ab.md").read_text().splitlines()[2:]]
+    assert lines == ["baseline", "dispersive", "dispersive hinge", "dispersive hinge τ=1", "dispersive τ=1",
+                     "Δ dispersive - baseline, paired", "Δ dispersive hinge - baseline, paired",
+                     "Δ dispersive hinge τ=1 - baseline, paired", "Δ dispersive τ=1 - baseline, paired"]
+
+    # a directory that holds a run of other settings is not taken for the one ab.py would train there
+    other = tmp_path / "other"
+    train.main(tiny_args(image_folder, other / "dispersive_s0", "--steps", "2", "--disp-variant", "hinge"))
+    with pytest.raises(UserError, match="holds a run of arm 'dispersive hinge', not 'dispersive'"):
+        ab.main(["--steps", "2", "--arms", "dispersive", "--root", str(other), "--", *targs])
+    with pytest.raises(UserError, match="sets .*--disp-tau"):
+        ab.main(["--steps", "2", "--root", str(other), "--", *targs, "--disp-tau", "1"])
+    with pytest.raises(UserError, match="--disp-block '9' is out of range"):
+        ab.main(["--steps", "2", "--disp-block", "9", "--root", str(other), "--", *targs])
