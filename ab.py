@@ -11,8 +11,9 @@ For each seed every arm is trained with train.py's own main(): the weights, the 
 every step's noise are functions of (seed, step), so the baseline and dispersive arms differ only
 in the regulariser. Several values of --disp-weight, --disp-tau, --disp-variant or --disp-block
 train the dispersive (and contrastive) arm once per combination, each compared with the one
-baseline of its seed; a run is named by the settings that differ from the paper's
-(plots.arm_of): <root>/dispersive_hinge_w0.25_s0, "dispersive hinge λ=0.25" in the table.
+baseline of its seed (whose diagnostics are taken at the arm's blocks: baseline_value); a run is
+named by the settings that differ from the paper's (plots.arm_of): <root>/dispersive_hinge_w0.25_s0,
+"dispersive hinge λ=0.25" in the table.
 
 Each run is then evaluated the same way, and a markdown table (mean and std
 over seeds, and the paired per-seed difference from the baseline) is printed and written to
@@ -48,30 +49,53 @@ import train
 from data import load_dataset
 from loss import VARIANTS
 from objectives import OBJECTIVES
-from plots import arm_of, arm_order, read_log
-from rundir import list_checkpoints, load_checkpoint
+from plots import DEFAULTS, arm_of, arm_order, read_log
+from rundir import PLUMBING, list_checkpoints, load_checkpoint
 from sample import load_model, sampler
 from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
 
 # The arms: train.py flags on top of the common ones; the regularised two also get one
 # combination of the swept settings (sweep).
 ARMS = {"baseline": ["--disp-weight", "0"], "dispersive": [], "contrastive": ["--objective", "contrastive"]}
-SWEPT = ("--disp-weight", "--disp-tau", "--disp-variant", "--disp-block")      # ab.py's flags, as train.py's
+SWEPT = ("--disp-variant", "--disp-weight", "--disp-tau", "--disp-block")      # ab.py's flags, as train.py's
 
 
 def sweep(args):
     """train.py flags for each combination of the values given to ab.py's SWEPT flags."""
-    given = [[(flag, v) for v in vals] for flag in SWEPT
-             if (vals := getattr(args, flag[2:].replace("-", "_"))) is not None]
-    return [[str(x) for pair in combo for x in pair] for combo in itertools.product(*given)]
+    given = []
+    for flag in SWEPT:
+        values = getattr(args, flag[2:].replace("-", "_"))
+        if values is not None:
+            given.append([[flag, str(v)] for v in values])
+    return [sum(combo, []) for combo in itertools.product(*given)]
 
 
 def run_dir(root, argv, seed):
     """<root>/<arm>_s<seed> for the train.py flags argv; the arm's name lists the settings that
-    differ from the paper's (plots.arm_of)."""
+    differ from the paper's (plots.arm_of), so two combinations that train the same run (tau of
+    the hinge form, which has none; block 'last' and its number) share one directory."""
     name = arm_of({"args": vars(train.get_args(argv))}, dir_name=True)
     return os.path.join(root, f"{name}_s{seed}")
-KEYS = ("run", "arm", "seed", "step", "probe_json")     # a row's fields that are not table columns
+
+
+def check_reusable(out, argv):
+    """Refuse to take an existing run directory for the run argv would train there if it was trained
+    with other flags (by hand, or by another ab.py command); flags of logging and plumbing aside."""
+    if not os.path.isfile(os.path.join(out, "metrics.jsonl")):
+        return
+    there, wanted = read_log(out)[0]["args"], vars(train.get_args(argv))
+    # the regulariser's settings as the arm's name shows them (block numbers, tau where it counts)
+    changed = [f"arm {arm_of({'args': there})!r}, not {arm_of({'args': wanted})!r}"] \
+        if arm_of({"args": there}) != arm_of({"args": wanted}) else []
+    changed += [f"--{k.replace('_', '-')} {v}, not {wanted[k]}" for k, v in there.items()
+                if k not in PLUMBING and k not in DEFAULTS and wanted.get(k, v) != v]
+    if changed:
+        raise UserError(f"{out} holds a run trained with other flags ({'; '.join(changed)}); move it, "
+                        f"or give another --root")
+
+
+# A row's fields that are not table columns: what the run is, and what pairing it needs
+KEYS = ("run", "arm", "seed", "step", "probe_json", "settings", "per_block")
 
 
 @torch.no_grad()
@@ -102,6 +126,10 @@ def evaluate(run_dir, args, cache):
         raise UserError(f"{run_dir!r} has no training log lines")
     cargs = config["args"]
     row = {"run": run_dir, "arm": arm_of(config), "seed": cargs["seed"], "step": logs[-1]["step"],
+           # how its dispersion diagnostics were measured, and the per-block values paired() needs
+           "settings": {"variant": cargs.get("disp_variant", "infonce_l2"), "tau": cargs.get("disp_tau"),
+                        "blocks": config.get("disp_blocks")},
+           "per_block": {"mean_sq_dist": logs[-1]["block_dist"]} if "block_dist" in logs[-1] else {},
            "flow": float(np.mean([r["flow"] for r in logs[-10:]])),
            "disp_diag": logs[-1].get("disp_diag"), "mean_sq_dist": logs[-1].get("mean_sq_dist")}
     if fid_logs:
@@ -141,6 +169,7 @@ def evaluate(run_dir, args, cache):
             acc = {r["block"]: r["accuracy"] for r in res["rows"] if r["t"] == t}
             row[f"probe_best_t{t:g}"] = max(acc.values())
             row[f"probe_reg_t{t:g}"] = float(np.mean([acc[b] for b in res["disp_blocks"]]))
+            row["per_block"][f"probe_reg_t{t:g}"] = [acc[b] for b in sorted(acc)]
     return row
 
 
@@ -178,12 +207,31 @@ def mean_std(xs):
     return f"{np.mean(xs):.4g} ± {np.std(xs, ddof=1):.2g}"
 
 
+def baseline_value(base, r, metric):
+    """The baseline's metric measured as run r measures its own. The dispersion diagnostics are
+    those of the regularised block(s): the baseline's are taken at r's blocks (its log and probe
+    have every block's); the dispersive loss's own value, logged in the baseline's form only, is
+    None when r's variant, tau or blocks differ."""
+    if "settings" not in r:                     # a row of an older ab.json
+        return base.get(metric)
+    blocks = r["settings"]["blocks"]
+    if metric in base.get("per_block", {}) and blocks:
+        return float(np.mean([base["per_block"][metric][b - 1] for b in blocks]))
+    if metric.startswith("disp_diag") and base["settings"] != r["settings"]:
+        return None
+    return base.get(metric)
+
+
 def paired(rows, arm, metric):
     """Per-seed differences arm - baseline over the seeds both have (the seed's noise cancels)."""
     base = {r["seed"]: r for r in rows if r["arm"] == "baseline"}
-    return [r[metric] - base[r["seed"]][metric] for r in rows
-            if r["arm"] == arm and r["seed"] in base and r.get(metric) is not None
-            and base[r["seed"]].get(metric) is not None]
+    diffs = []
+    for r in rows:
+        if r["arm"] == arm and r["seed"] in base and r.get(metric) is not None:
+            b = baseline_value(base[r["seed"]], r, metric)
+            if b is not None:
+                diffs.append(r[metric] - b)
+    return diffs
 
 
 def table(rows):
@@ -191,7 +239,7 @@ def table(rows):
     metrics = []
     for r in rows:
         metrics += [k for k in r if k not in KEYS and k not in metrics]
-    arms = sorted({r["arm"] for r in rows}, key=arm_order)
+    arms = sorted(dict.fromkeys(r["arm"] for r in rows), key=arm_order)     # kinds in order, each as it came
     lines = ["| arm | seeds | steps | " + " | ".join(metrics) + " |", "|" + " --- |" * (3 + len(metrics))]
     for arm in arms:
         rs = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["seed"])
@@ -215,9 +263,9 @@ def main(argv=None):
     a("--steps", type=number(int, min=1), default=None, help="training budget in steps, per run (needed unless --compare)")
     a("--seeds", default="0", help="comma-separated seeds; each trains every arm")
     a("--arms", default="baseline,dispersive", help=f"comma-separated arms among {', '.join(ARMS)}")
-    a("--disp-weight", type=number(float, above=0), nargs="+", default=[0.5], metavar="W", help="lambda of the "
-      "dispersive and contrastive arms; several values, here or in the three flags below, train those arms once "
-      "per combination")
+    a("--disp-weight", type=number(float, above=0), nargs="+", default=None, metavar="W", help="lambda of the "
+      "dispersive and contrastive arms (default: train.py's, 0.5); several values, here or in the three flags "
+      "below, train those arms once per combination")
     a("--disp-tau", type=number(float, above=0), nargs="+", default=None, metavar="TAU",
       help="tau (default: train.py's)")
     a("--disp-variant", choices=VARIANTS, nargs="+", default=None, metavar="NAME",
@@ -242,13 +290,14 @@ def main(argv=None):
     a("--probe-train-samples", type=number(int, min=2), default=5000, help="training images the probe is fitted on")
     a("--probe-test-samples", type=number(int, min=1), default=2000, help="other training images it is scored on")
     args, train_args = p.parse_known_args(argv)
-    if train_args and train_args[0] == "--":
-        train_args = train_args[1:]
+    train_args = [a for a in train_args if a != "--"]     # train.py's flags, wherever "--" stood
     own = ("--seed", "--steps", "--out", "--resume", "--objective") + SWEPT
     if any(a.split("=")[0] in own for a in train_args):
         raise UserError(f"ab.py sets {', '.join(own)} itself; use its own flags (--arms for --objective)")
-    if args.compare and (train_args or args.steps is not None):
-        raise UserError(f"--compare evaluates existing runs: {' '.join(train_args) or '--steps'} would do nothing")
+    swept = [flag for flag in SWEPT if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.compare and (train_args or args.steps is not None or swept):
+        raise UserError(f"--compare evaluates existing runs: {' '.join(train_args or swept) or '--steps'} "
+                        f"would do nothing")
     writable_dir(args.root, "--root")
     if args.eval_samples == 1:
         raise UserError("--eval-samples must be 0 or at least 2")
@@ -271,13 +320,11 @@ def main(argv=None):
             for arm in arms:
                 for settings in ([[]] if arm == "baseline" else sweep(args)):
                     argv = [*train_args, *settings, *ARMS[arm], "--steps", str(args.steps), "--seed", str(seed)]
-                    runs.append((run_dir(args.root, argv, seed), argv))
-        for out, argv in runs:       # a directory of other settings (by hand, or an older ab.py) is not reused
-            if os.path.isfile(os.path.join(out, "metrics.jsonl")):
-                there, wanted = arm_of(read_log(out)[0]), arm_of({"args": vars(train.get_args(argv))})
-                if there != wanted:
-                    raise UserError(f"{out} holds a run of arm {there!r}, not {wanted!r}; move it, or give "
-                                    f"another --root")
+                    out = run_dir(args.root, argv, seed)
+                    if out not in dict(runs):          # a combination that trains the same run as another
+                        runs.append((out, argv))
+        for out, argv in runs:
+            check_reusable(out, argv)
         run_dirs = [out for out, _ in runs]
         for out, argv in runs:
             have = list_checkpoints(out)

@@ -25,6 +25,7 @@ from model import DiT
 from utils import UserError
 
 VARIANTS = ("infonce_l2", "infonce_cos", "hinge", "covariance")
+USES_TAU = ("infonce_l2", "infonce_cos")         # the forms with a temperature (dispersive_loss)
 
 
 # ----------------------------------------------------------------------------------------

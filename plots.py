@@ -30,7 +30,8 @@ from utils import HelpFormatter, UserError, output_file, run_main
 
 FIGURE_TYPES = (".png", ".pdf", ".svg")
 
-COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+           "tab:cyan", "tab:gray")
 ARM_ORDER = ("baseline", "dispersive", "contrastive")
 DPI = 100
 CURVES_SIZE = (12, 8.5)       # inches: 1200 x 850 pixels at DPI
@@ -64,40 +65,44 @@ def read_log(run_dir):
 # directory's name.
 DEFAULTS = {"disp_variant": "infonce_l2", "disp_weight": 0.5, "disp_tau": 0.5, "disp_block": None}
 SHOWN = {"disp_variant": ("{}", "{}"), "disp_weight": ("λ={:g}", "w{:g}"), "disp_tau": ("τ={:g}", "tau{:g}"),
-         "disp_block": ("block {}", "b{}")}
+         "disp_block": ("{}", "{}")}
 
 
 def settings_of(args):
     """[(key, value)] of the regulariser's settings in args (a run's train.py arguments) that
-    differ from DEFAULTS. --disp-block is compared as the blocks it names, for this model."""
-    from loss import parse_blocks
+    differ from DEFAULTS and change the loss: tau only for the forms that have one, the block(s)
+    as the numbers --disp-block names for this model ('last' of DiT-S/2 is (12,))."""
+    from loss import USES_TAU, parse_blocks
     from model import MODELS
     out = []
     for key, default in DEFAULTS.items():
         value = args.get(key, default)
         if key == "disp_block":
             depth = MODELS[args["model"]][0]
-            same = parse_blocks(value, depth) == parse_blocks(default, depth)
-        else:
-            same = value == default
-        if not same:
+            value, default = parse_blocks(value, depth), parse_blocks(default, depth)
+        if value != default and (key != "disp_tau" or args.get("disp_variant", "infonce_l2") in USES_TAU):
             out.append((key, value))
     return out
 
 
+def block_text(blocks, dir_name):
+    if len(blocks) == 1:
+        return f"{'b' if dir_name else 'block '}{blocks[0]}"
+    return f"{'b' if dir_name else 'blocks '}{('-' if dir_name else ',').join(map(str, blocks))}"
+
+
 def arm_of(config, dir_name=False):
     """A run's arm: baseline (lambda 0), dispersive, or contrastive (its paired comparison), then
-    the regulariser's settings that differ from the paper's: "dispersive hinge λ=0.25".
-    dir_name: the same as a directory name, "dispersive_hinge_w0.25"."""
+    the regulariser's settings that differ from the paper's: "dispersive hinge λ=0.25 block 12".
+    dir_name: the same as a directory name, "dispersive_hinge_w0.25_b12"."""
     a = config["args"]
     arm = "contrastive" if a.get("objective", "flow") == "contrastive" else \
         "baseline" if a["disp_weight"] == 0 else "dispersive"
     if arm == "baseline":        # lambda 0: the other settings change nothing
         return arm
-    shown = [SHOWN[k][dir_name].format(v) for k, v in settings_of(a)]
-    if dir_name:
-        return "_".join([arm] + shown).replace(",", "-")
-    return " ".join([arm] + shown)
+    shown = [block_text(v, dir_name) if k == "disp_block" else SHOWN[k][dir_name].format(v)
+             for k, v in settings_of(a)]
+    return ("_" if dir_name else " ").join([arm] + shown)
 
 
 def labels_of(kinds):
@@ -107,8 +112,9 @@ def labels_of(kinds):
 
 
 def arm_order(arm):
-    """Sort key of arm names: baseline, then the dispersive arms, then the contrastive ones."""
-    return ARM_ORDER.index(arm.split()[0]), arm
+    """Sort key of arm names: baseline, then the dispersive arms, then the contrastive ones (a
+    stable sort keeps each kind's arms in the order they come)."""
+    return ARM_ORDER.index(arm.split()[0])
 
 
 def group(items, kind):
@@ -117,8 +123,16 @@ def group(items, kind):
     groups = {}
     for label, it in zip(labels, items):
         groups.setdefault(label, []).append(it)
-    order = lambda lab: (min(arm_order(kind(it)[0]) for it in groups[lab]), lab)
+    order = lambda lab: min(arm_order(kind(it)[0]) for it in groups[lab])
     return [(lab, groups[lab]) for lab in sorted(groups, key=order)]
+
+
+def colours(n):
+    """n distinct colours: matplotlib's 10 "tab" colours, or its 20 of tab20 for a larger sweep."""
+    if n <= len(COLOURS):
+        return COLOURS
+    from matplotlib import colormaps
+    return [colormaps["tab20"](i % 20) for i in range(n)]
 
 
 def shade(colour, block, depth):
@@ -179,8 +193,8 @@ def curves(run_dirs, out):
               "block(s), disp_diag", False), ("block_dist", "mean squared pairwise distance / d, per block", True),
               ("block_rms", "rms norm ||z|| / sqrt(d), per block", False)]
     drawn = {name: {} for name, _, _ in panels}
-    for gi, (label, members) in enumerate(group(runs, kind)):
-        colour = COLOURS[gi % len(COLOURS)]
+    groups = group(runs, kind)
+    for (label, members), colour in zip(groups, colours(len(groups))):
         seeds = sorted(c["args"]["seed"] for c, _ in members)
         name = f"{label} ({seed_text(seeds)})"
         reg = set(members[0][0].get("disp_blocks", [])) if members[0][0]["args"]["disp_weight"] > 0 else set()
@@ -248,6 +262,15 @@ def read_probe(path):
     return res
 
 
+def probe_arm(res):
+    """The arm of a probe result, from the run's arguments; a result written before probe.py kept
+    them has its arm's name of that day, which showed no setting: its weight is added back."""
+    if "train_args" in res:
+        return arm_of({"args": res["train_args"]})
+    arm, w = res.get("arm") or "baseline", res.get("disp_weight")
+    return arm if arm == "baseline" or w in (None, DEFAULTS["disp_weight"]) else f"{arm} λ={w:g}"
+
+
 def probe_figure(results, out):
     """Held-out probe accuracy per block, one panel per t, one line per arm (mean over seeds, min
     to max as error bars); results: probe.py results (dicts) or paths to their JSON. Returns the
@@ -257,14 +280,15 @@ def probe_figure(results, out):
     if not results:
         raise UserError("no probe results to plot")
     ts = sorted({r["t"] for res in results for r in res["rows"]}, reverse=True)
-    kind = lambda res: (res.get("arm") or "baseline", res.get("objective", "flow"))
+    kind = lambda res: (probe_arm(res), res.get("objective", "flow"))
     depth = max(res["depth"] for res in results)
     fig, axes = plt.subplots(1, len(ts), figsize=(max(6.0, 1.1 * depth + 3) * len(ts), 4.8), dpi=DPI, squeeze=False)
     drawn = {}
     for ax, t in zip(axes[0], ts):
         drawn[t] = {}
         reg = set()
-        for gi, (label, members) in enumerate(group(results, kind)):
+        groups = group(results, kind)
+        for (label, members), colour in zip(groups, colours(len(groups))):
             accs = {}
             for res in members:
                 for r in res["rows"]:
@@ -275,7 +299,7 @@ def probe_figure(results, out):
             err = np.array([[m - min(accs[b]) for b, m in zip(blocks, mean)],
                             [max(accs[b]) - m for b, m in zip(blocks, mean)]])
             seeds = sorted(res.get("seed") for res in members)
-            ax.errorbar(blocks, mean, yerr=err if len(members) > 1 else None, color=COLOURS[gi % len(COLOURS)],
+            ax.errorbar(blocks, mean, yerr=err if len(members) > 1 else None, color=colour,
                         marker="o", capsize=3, lw=1.6, label=f"{label} ({seed_text(seeds)})")
             drawn[t][label] = (blocks, mean)
             if members[0].get("disp_weight"):

@@ -196,7 +196,8 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
             print(f"t = {t:g}: done ({time.perf_counter() - t_fwd:.1f} s)", flush=True)
     disp_blocks = list(parse_blocks(cargs.get("disp_block"), model.depth)) if "disp_weight" in cargs else []
     result = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step"), "objective": objective,
-              "arm": arm_of({"args": cargs}) if "disp_weight" in cargs else None, "seed": cargs.get("seed"),
+              "arm": arm_of({"args": cargs}) if "disp_weight" in cargs else None, "train_args": cargs,
+              "seed": cargs.get("seed"),
               "disp_weight": cargs.get("disp_weight"), "disp_blocks": disp_blocks, "depth": model.depth,
               "data": cargs.get("data"), "num_classes": data.num_classes, "null_label": model.num_classes,
               "train_samples": train_samples, "test_samples": test_samples, "stats_samples": keep,

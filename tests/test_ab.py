@@ -158,38 +158,66 @@ def test_arm_names_show_the_settings_that_differ_from_the_papers():
     assert names() == ("dispersive", "dispersive")
     assert names(disp_weight=0, disp_variant="hinge") == ("baseline", "baseline")     # lambda 0: nothing else matters
     assert names(disp_variant="hinge", disp_weight=0.25) == ("dispersive hinge λ=0.25", "dispersive_hinge_w0.25")
-    assert names(disp_block="3") == ("dispersive", "dispersive")        # block 3 of 12 is depth // 4, the default
-    assert names(disp_block="last", disp_tau=1.0) == ("dispersive τ=1 block last", "dispersive_tau1_blast")
-    assert names(disp_block="3,6") == ("dispersive block 3,6", "dispersive_b3-6")
+    assert names(disp_tau=1.0) == ("dispersive τ=1", "dispersive_tau1")
+    assert names(disp_variant="hinge", disp_tau=1.0) == ("dispersive hinge", "dispersive_hinge")   # no tau in hinge
+    # blocks by number: block 3 of 12 is depth // 4, the default; 'last' is block 12
+    assert names(disp_block="3") == ("dispersive", "dispersive")
+    assert names(disp_block="last") == names(disp_block="12") == ("dispersive block 12", "dispersive_b12")
+    assert names(disp_block="6,3") == ("dispersive blocks 3,6", "dispersive_b3-6")
     assert names(objective="contrastive", disp_variant="infonce_cos") == ("contrastive infonce_cos",
                                                                           "contrastive_infonce_cos")
     assert names(disp_group_size=0) == ("dispersive", "dispersive")     # not one of the paper's comparisons
 
 
-def test_ab_sweeps_the_papers_settings(image_folder, tmp_path):
+def test_ab_sweeps_the_papers_settings(image_folder, tmp_path, capsys):
     """Several values of ab.py's --disp-* flags: one run of the dispersive arm per combination, each
-    with its own settings and directory, and each paired with the one baseline."""
+    with its own settings and directory, each paired with the one baseline, whose diagnostics are
+    taken as the arm measures its own."""
     root = tmp_path / "ab"
-    targs = ab_train_args(image_folder)
-    ab.main(["--steps", "2", "--seeds", "0", "--disp-variant", "infonce_l2", "hinge", "--disp-tau", "0.5", "1",
-             "--root", str(root), "--", *targs])
-    runs = {p.name: read_jsonl(p / "metrics.jsonl")[0]["args"] for p in root.iterdir() if p.is_dir()}
-    assert sorted(runs) == ["baseline_s0", "dispersive_hinge_s0", "dispersive_hinge_tau1_s0", "dispersive_s0",
-                            "dispersive_tau1_s0"]
-    assert runs["baseline_s0"]["disp_weight"] == 0 and runs["baseline_s0"]["disp_variant"] == "infonce_l2"
-    assert [runs["dispersive_hinge_tau1_s0"][k] for k in ("disp_variant", "disp_tau", "disp_weight")] == ["hinge", 1, 0.5]
-    assert [runs["dispersive_s0"][k] for k in ("disp_variant", "disp_tau")] == ["infonce_l2", 0.5]
-    lines = [line.split("|")[1].strip() for line in (root / "ab.md").read_text().splitlines()[2:]]
-    assert lines == ["baseline", "dispersive", "dispersive hinge", "dispersive hinge τ=1", "dispersive τ=1",
-                     "Δ dispersive - baseline, paired", "Δ dispersive hinge - baseline, paired",
-                     "Δ dispersive hinge τ=1 - baseline, paired", "Δ dispersive τ=1 - baseline, paired"]
+    targs = ab_train_args(image_folder, "--log-every", "1")
+    probe_args = ["--probe", "--probe-t", "0.5", "--probe-train-samples", "16", "--probe-test-samples", "8"]
+    rows = ab.main(["--steps", "2", "--seeds", "0", "--disp-variant", "infonce_l2", "hinge", "--disp-tau", "0.5", "1",
+                    "--disp-block", "1", "last", "--root", str(root), *probe_args, "--", *targs])
+    runs = {p.name: read_jsonl(p / "metrics.jsonl")[0] for p in root.iterdir() if p.is_dir()}
+    # hinge has no tau: its two taus are one run; DiT-Mi/4 has 4 blocks, the default is block 1
+    assert sorted(runs) == ["baseline_s0", "dispersive_b4_s0", "dispersive_hinge_b4_s0", "dispersive_hinge_s0",
+                            "dispersive_s0", "dispersive_tau1_b4_s0", "dispersive_tau1_s0"]
+    assert runs["baseline_s0"]["args"]["disp_weight"] == 0 and runs["baseline_s0"]["args"]["disp_variant"] == "infonce_l2"
+    run = runs["dispersive_tau1_b4_s0"]
+    assert [run["args"][k] for k in ("disp_variant", "disp_tau", "disp_weight")] == ["infonce_l2", 1, 0.5]
+    assert run["disp_blocks"] == [4] and runs["dispersive_hinge_s0"]["disp_blocks"] == [1]
 
-    # a directory that holds a run of other settings is not taken for the one ab.py would train there
+    md = (root / "ab.md").read_text()
+    header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()[2:]}
+    assert list(table) == ["baseline", "dispersive", "dispersive block 4", "dispersive τ=1", "dispersive τ=1 block 4",
+                           "dispersive hinge", "dispersive hinge block 4"] + [
+        f"Δ {a} - baseline, paired" for a in ("dispersive", "dispersive block 4", "dispersive τ=1",
+                                              "dispersive τ=1 block 4", "dispersive hinge", "dispersive hinge block 4")]
+    by = {r["arm"]: r for r in rows}
+    base = by["baseline"]
+    delta = lambda arm, metric: table[f"Δ {arm} - baseline, paired"][header.index(metric) - 1]
+    # the distances and the probe of the arm's own block, in the baseline too
+    for arm, block in (("dispersive", 1), ("dispersive block 4", 4), ("dispersive hinge block 4", 4)):
+        dist = base["per_block"]["mean_sq_dist"][block - 1]
+        assert delta(arm, "mean_sq_dist") == f"{by[arm]['mean_sq_dist'] - dist:.4g}"
+        acc = json.load(open(base["probe_json"]))
+        acc = [p["accuracy"] for p in acc["rows"] if p["block"] == block]
+        assert delta(arm, "probe_reg_t0.5") == f"{by[arm]['probe_reg_t0.5'] - acc[0]:.4g}"
+    # the dispersive loss's value is comparable only in the baseline's form and block
+    assert delta("dispersive", "disp_diag") == f"{by['dispersive']['disp_diag'] - base['disp_diag']:.4g}"
+    assert all(delta(a, "disp_diag") == "-" for a in ("dispersive τ=1", "dispersive block 4", "dispersive hinge"))
+
+    # a directory that holds a run trained with other flags is not taken for the one ab.py would train there
+    with pytest.raises(UserError, match=r"dispersive_s0 holds a run trained with other flags \(--lr 0.0001, not 0.05\)"):
+        ab.main(["--steps", "2", "--arms", "dispersive", "--root", str(root), "--", *targs, "--lr", "0.05"])
     other = tmp_path / "other"
     train.main(tiny_args(image_folder, other / "dispersive_s0", "--steps", "2", "--disp-variant", "hinge"))
-    with pytest.raises(UserError, match="holds a run of arm 'dispersive hinge', not 'dispersive'"):
+    with pytest.raises(UserError, match="arm 'dispersive hinge', not 'dispersive'"):
         ab.main(["--steps", "2", "--arms", "dispersive", "--root", str(other), "--", *targs])
     with pytest.raises(UserError, match="sets .*--disp-tau"):
         ab.main(["--steps", "2", "--root", str(other), "--", *targs, "--disp-tau", "1"])
     with pytest.raises(UserError, match="--disp-block '9' is out of range"):
         ab.main(["--steps", "2", "--disp-block", "9", "--root", str(other), "--", *targs])
+    with pytest.raises(UserError, match="--compare evaluates existing runs: --disp-tau would do nothing"):
+        ab.main(["--compare", str(root / "baseline_s0"), "--disp-tau", "1", "--root", str(other)])

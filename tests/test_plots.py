@@ -69,6 +69,17 @@ def test_probe_figure_and_cli(runs, tmp_path):
         assert drawn[t]["dispersive"] == ([1, 2, 3, 4], acc("dispersive_s0", t))
         assert drawn[t]["baseline"][1] == pytest.approx(np.mean([acc("baseline_s0", t), acc("baseline_s1", t)], axis=0))
 
+    # arms are the runs' settings: a result of another lambda is another arm, also one written before
+    # probe.py kept the run's arguments (then only its weight is known)
+    other = {**results["dispersive_s0"], "train_args": {**results["dispersive_s0"]["train_args"], "disp_weight": 1.0}}
+    old = {k: v for k, v in results["dispersive_s0"].items() if k != "train_args"}
+    drawn = plots.probe_figure([results["baseline_s0"], results["dispersive_s0"], other, {**old, "disp_weight": 0.25}],
+                               str(out))
+    assert list(drawn[0.5]) == ["baseline", "dispersive", "dispersive λ=1", "dispersive λ=0.25"]
+    # more arms than the 10 colours: each its own colour still
+    many = [{**other, "train_args": {**other["train_args"], "disp_weight": w}} for w in np.arange(1, 12)]
+    assert len(plots.probe_figure(many, str(out))[0.5]) == 11 and len(set(map(str, plots.colours(11)))) == 11
+
     # the command line: both figures
     plots.main([*runs.values(), "--out", str(tmp_path / "cli" / "c.png"), "--probe-json", *paths])
     assert Image.open(tmp_path / "cli" / "c.png").size[0] == int(plots.CURVES_SIZE[0] * plots.DPI)
