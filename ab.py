@@ -84,9 +84,9 @@ def check_reusable(out, argv):
     if not os.path.isfile(os.path.join(out, "metrics.jsonl")):
         return
     there, wanted = read_log(out)[0]["args"], vars(train.get_args(argv))
-    # the regulariser's settings as the arm's name shows them (block numbers, tau where it counts)
-    changed = [f"arm {arm_of({'args': there})!r}, not {arm_of({'args': wanted})!r}"] \
-        if arm_of({"args": there}) != arm_of({"args": wanted}) else []
+    # the regulariser's settings compared as the arm's name shows them (block numbers, tau where it counts)
+    arm_there, arm_wanted = arm_of({"args": there}), arm_of({"args": wanted})
+    changed = [] if arm_there == arm_wanted else [f"arm {arm_there!r}, not {arm_wanted!r}"]
     changed += [f"--{k.replace('_', '-')} {v}, not {wanted[k]}" for k, v in there.items()
                 if k not in PLUMBING and k not in DEFAULTS and wanted.get(k, v) != v]
     if changed:
