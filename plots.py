@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from loss import USES_TAU, parse_blocks
+from model import MODELS
 from utils import HelpFormatter, UserError, output_file, run_main
 
 FIGURE_TYPES = (".png", ".pdf", ".svg")
@@ -64,16 +66,13 @@ def read_log(run_dir):
 # train.py's), and how an arm's name shows one that differs: in a table or legend, and in a run
 # directory's name.
 DEFAULTS = {"disp_variant": "infonce_l2", "disp_weight": 0.5, "disp_tau": 0.5, "disp_block": None}
-SHOWN = {"disp_variant": ("{}", "{}"), "disp_weight": ("λ={:g}", "w{:g}"), "disp_tau": ("τ={:g}", "tau{:g}"),
-         "disp_block": ("{}", "{}")}
+SHOWN = {"disp_variant": ("{}", "{}"), "disp_weight": ("λ={:g}", "w{:g}"), "disp_tau": ("τ={:g}", "tau{:g}")}
 
 
 def settings_of(args):
     """[(key, value)] of the regulariser's settings in args (a run's train.py arguments) that
     differ from DEFAULTS and change the loss: tau only for the forms that have one, the block(s)
     as the numbers --disp-block names for this model ('last' of DiT-S/2 is (12,))."""
-    from loss import USES_TAU, parse_blocks
-    from model import MODELS
     out = []
     for key, default in DEFAULTS.items():
         value = args.get(key, default)
@@ -85,10 +84,14 @@ def settings_of(args):
     return out
 
 
-def block_text(blocks, dir_name):
-    if len(blocks) == 1:
-        return f"{'b' if dir_name else 'block '}{blocks[0]}"
-    return f"{'b' if dir_name else 'blocks '}{('-' if dir_name else ',').join(map(str, blocks))}"
+def shown(key, value, dir_name):
+    """One setting as an arm's name shows it: "λ=0.25", "block 12", "blocks 3,6"; in a directory's
+    name "w0.25", "b12", "b3-6"."""
+    if key != "disp_block":
+        return SHOWN[key][dir_name].format(value)
+    if dir_name:
+        return "b" + "-".join(map(str, value))
+    return ("block " if len(value) == 1 else "blocks ") + ",".join(map(str, value))
 
 
 def arm_of(config, dir_name=False):
@@ -100,9 +103,7 @@ def arm_of(config, dir_name=False):
         "baseline" if a["disp_weight"] == 0 else "dispersive"
     if arm == "baseline":        # lambda 0: the other settings change nothing
         return arm
-    shown = [block_text(v, dir_name) if k == "disp_block" else SHOWN[k][dir_name].format(v)
-             for k, v in settings_of(a)]
-    return ("_" if dir_name else " ").join([arm] + shown)
+    return ("_" if dir_name else " ").join([arm] + [shown(k, v, dir_name) for k, v in settings_of(a)])
 
 
 def labels_of(kinds):
