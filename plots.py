@@ -200,7 +200,8 @@ def curves(run_dirs, out):
         name = f"{label} ({seed_text(seeds)})"
         reg = set(members[0][0].get("disp_blocks", [])) if members[0][0]["args"]["disp_weight"] > 0 else set()
         depth = len(members[0][1][0].get("block_dist", []))
-        named = lambda b: depth <= 6 or b in (1, depth) or b in reg     # a legend of 12 blocks per arm is no help
+        # a legend of every block of many arms is no help: then the regularised ones (baseline: first, last)
+        named = lambda b: (depth <= 6 and len(groups) <= 3) or b in (reg or (1, depth))
         for (key, _, _), ax in zip(panels, axes.flat):
             if key in ("flow", "disp_diag"):
                 series = [((label,), colour, 1.6, name, lambda r, key=key: r[key])]
@@ -217,12 +218,16 @@ def curves(run_dirs, out):
     floors = {floor_of(c) for c, _ in runs} - {None}
     for G in sorted(floors):       # the InfoNCE-L2 form's floor: all pairs of a group infinitely far apart
         axes.flat[1].axhline(-np.log(G), color="0.5", ls=":", lw=1, label=f"floor -log G (groups of G = {G})")
+    forms = {c["args"].get("disp_variant", "infonce_l2") for c, _ in runs}
     for (key, title, log_y), ax in zip(panels, axes.flat):
-        ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         if log_y:
             ax.set_yscale("log")
+        if key == "disp_diag" and len(forms) > 1:   # each run's own form: scales from -log G to d / G
+            ax.set_yscale("symlog", linthresh=1.0)
+            title += "\n(each run's own form of the loss; symmetric log scale)"
+        ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, ncol=2 if key in ("block_dist", "block_rms") else 1)
     what = sorted({f"{c['args']['data']}, {c['args']['model']}" for c, _ in runs})
     fig.suptitle(f"{'; '.join(what)}. Per block: darker = deeper, thick = the regularised block", fontsize=11)
