@@ -51,7 +51,8 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
                 over all B*B ordered pairs, the diagonal included: the value lies in
                 [-log B, 0] and is exactly 0 for B = 1.
     infonce_cos the same log-mean-exp with D = -cos(z_i, z_j); diagonal included (cos = 1),
-                so the value lies in [1/tau - log B, 1/tau].
+                so the value is at most 1/tau, and at least log((e^(1/tau) + (B-1)
+                e^(-1/((B-1) tau))) / B), reached when the B directions form a regular simplex.
     hinge       mean over the B*(B-1) pairs i != j of max(0, margin - ||z_i - z_j||^2 / d)^2.
                 The diagonal is left out: D(z_i, z_i) = 0 would add the constant margin^2
                 and no gradient. margin is ours to choose (the paper gives none): 1.0, half

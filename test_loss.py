@@ -122,6 +122,18 @@ def test_infonce_cos_hand_case():
     assert dispersive_loss(z, "infonce_cos", tau=0.5).item() == pytest.approx(expected_t, abs=1e-5)
 
 
+def test_infonce_cos_floor_is_the_simplex():
+    """The cosine form's least value: B directions as a regular simplex, every off-diagonal cosine
+    -1/(B-1) (the most negative mean that B unit vectors allow), log((e^(1/tau) + (B-1)
+    e^(-1/((B-1) tau))) / B). Any other directions score higher."""
+    B, tau = 16, 0.5
+    simplex = torch.eye(B) - 1.0 / B                         # centred basis vectors: a regular simplex
+    floor = math.log((math.exp(1 / tau) + (B - 1) * math.exp(-1 / ((B - 1) * tau))) / B)
+    assert dispersive_loss(simplex, "infonce_cos", tau=tau).item() == pytest.approx(floor, abs=1e-5)
+    torch.manual_seed(0)
+    assert all(dispersive_loss(torch.randn(B, 64), "infonce_cos", tau=tau).item() > floor for _ in range(20))
+
+
 def test_hinge_hand_case():
     z = torch.tensor([[0.0, 0.0], [1.0, 0.0]])                    # D = 1 / 2 for both ordered pairs
     assert dispersive_loss(z, "hinge").item() == pytest.approx(0.25)          # (1 - 0.5)^2
