@@ -50,7 +50,7 @@ from data import load_dataset
 from loss import VARIANTS
 from objectives import OBJECTIVES
 from plots import DEFAULTS, arm_of, arm_order, read_log
-from rundir import PLUMBING, list_checkpoints, load_checkpoint
+from rundir import changed_flags, list_checkpoints, load_checkpoint
 from sample import load_model, sampler
 from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
 
@@ -60,35 +60,35 @@ ARMS = {"baseline": ["--disp-weight", "0"], "dispersive": [], "contrastive": ["-
 SWEPT = ("--disp-variant", "--disp-weight", "--disp-tau", "--disp-block")      # ab.py's flags, as train.py's
 
 
+def swept(args):
+    """{flag: values} of the SWEPT flags given to ab.py."""
+    return {flag: v for flag in SWEPT if (v := getattr(args, flag[2:].replace("-", "_"))) is not None}
+
+
 def sweep(args):
     """train.py flags for each combination of the values given to ab.py's SWEPT flags."""
-    given = []
-    for flag in SWEPT:
-        values = getattr(args, flag[2:].replace("-", "_"))
-        if values is not None:
-            given.append([[flag, str(v)] for v in values])
+    given = [[[flag, str(v)] for v in values] for flag, values in swept(args).items()]
     return [sum(combo, []) for combo in itertools.product(*given)]
 
 
-def run_dir(root, argv, seed):
-    """<root>/<arm>_s<seed> for the train.py flags argv; the arm's name lists the settings that
+def run_dir(root, targs, seed):
+    """<root>/<arm>_s<seed> for train.py's arguments targs; the arm's name lists the settings that
     differ from the paper's (plots.arm_of), so two combinations that train the same run (tau of
     the hinge form, which has none; block 'last' and its number) share one directory."""
-    name = arm_of({"args": vars(train.get_args(argv))}, dir_name=True)
-    return os.path.join(root, f"{name}_s{seed}")
+    return os.path.join(root, f"{arm_of({'args': targs}, dir_name=True)}_s{seed}")
 
 
-def check_reusable(out, argv):
-    """Refuse to take an existing run directory for the run argv would train there if it was trained
-    with other flags (by hand, or by another ab.py command); flags of logging and plumbing aside."""
+def check_reusable(out, wanted):
+    """Refuse to take an existing run directory for the run of train.py's arguments wanted if it
+    was trained with other flags (by hand, or by another ab.py command), plumbing aside."""
     if not os.path.isfile(os.path.join(out, "metrics.jsonl")):
         return
-    there, wanted = read_log(out)[0]["args"], vars(train.get_args(argv))
+    there = read_log(out)[0]["args"]
     # the regulariser's settings compared as the arm's name shows them (block numbers, tau where it counts)
     arm_there, arm_wanted = arm_of({"args": there}), arm_of({"args": wanted})
     changed = [] if arm_there == arm_wanted else [f"arm {arm_there!r}, not {arm_wanted!r}"]
-    changed += [f"--{k.replace('_', '-')} {v}, not {wanted[k]}" for k, v in there.items()
-                if k not in PLUMBING and k not in DEFAULTS and wanted.get(k, v) != v]
+    changed += [f"--{k.replace('_', '-')} {there[k]}, not {wanted[k]}" for k in changed_flags(there, wanted)
+                if k not in DEFAULTS]
     if changed:
         raise UserError(f"{out} holds a run trained with other flags ({'; '.join(changed)}); move it, "
                         f"or give another --root")
@@ -294,9 +294,8 @@ def main(argv=None):
     own = ("--seed", "--steps", "--out", "--resume", "--objective") + SWEPT
     if any(a.split("=")[0] in own for a in train_args):
         raise UserError(f"ab.py sets {', '.join(own)} itself; use its own flags (--arms for --objective)")
-    swept = [flag for flag in SWEPT if getattr(args, flag[2:].replace("-", "_")) is not None]
-    if args.compare and (train_args or args.steps is not None or swept):
-        raise UserError(f"--compare evaluates existing runs: {' '.join(train_args or swept) or '--steps'} "
+    if args.compare and (train_args or args.steps is not None or swept(args)):
+        raise UserError(f"--compare evaluates existing runs: {' '.join(train_args or swept(args)) or '--steps'} "
                         f"would do nothing")
     writable_dir(args.root, "--root")
     if args.eval_samples == 1:
@@ -315,18 +314,18 @@ def main(argv=None):
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-        runs = []                   # (run directory, train.py flags but --out and --resume)
+        runs = {}                   # run directory: train.py flags but --out and --resume
         for seed in seeds:
             for arm in arms:
                 for settings in ([[]] if arm == "baseline" else sweep(args)):
                     argv = [*train_args, *settings, *ARMS[arm], "--steps", str(args.steps), "--seed", str(seed)]
-                    out = run_dir(args.root, argv, seed)
-                    if out not in dict(runs):          # a combination that trains the same run as another
-                        runs.append((out, argv))
-        for out, argv in runs:
-            check_reusable(out, argv)
-        run_dirs = [out for out, _ in runs]
-        for out, argv in runs:
+                    targs = vars(train.get_args(argv))
+                    out = run_dir(args.root, targs, seed)
+                    if out not in runs:          # else a combination that trains the same run as another
+                        check_reusable(out, targs)
+                        runs[out] = argv
+        run_dirs = list(runs)     # every check passed: now train what is not trained yet
+        for out, argv in runs.items():
             have = list_checkpoints(out)
             if have and load_checkpoint(have[0]).get("step") == args.steps:
                 print(f"{out}: already trained to step {args.steps}")

@@ -31,6 +31,12 @@ PLUMBING = {"out", "resume", "compile", "device", "log_every", "sample_every", "
             "fid_extractor", "inception_weights"}
 
 
+def changed_flags(saved, now):
+    """The train.py arguments (names) of a saved run that another set, now, gives other values,
+    the plumbing aside: both are dicts of train.py's arguments."""
+    return [k for k, v in saved.items() if k not in PLUMBING and now.get(k, v) != v]
+
+
 # ----------------------------------------------------------------------------------------
 # Checkpoint files
 # ----------------------------------------------------------------------------------------
@@ -194,7 +200,7 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc):
     step = ckpt["step"]
     if main_proc:
         print(f"resumed from {path} at step {step}")
-        changed = [k for k, v in ckpt["args"].items() if k not in PLUMBING and vars(args).get(k, v) != v]
+        changed = changed_flags(ckpt["args"], vars(args))
         if changed:
             print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
                   f"the run will not match an uninterrupted one", file=sys.stderr)
