@@ -140,9 +140,13 @@ def evaluate(run_dir, args, cache):
             raise UserError(f"{run_dir!r} has no checkpoint to sample or probe")
         print(f"warning: {run_dir!r} has no checkpoint: its row has the logged numbers only", file=sys.stderr)
         return row
-    key = (cargs["data"], cargs["data_path"], cargs.get("image_size"))
+    key = (cargs["data"], args.eval_data_path or cargs["data_path"], cargs.get("image_size"))
     if key not in cache:                    # one data set (and reference) per distinct data
-        cache[key] = {"data": load_dataset(*key)}
+        try:
+            cache[key] = {"data": load_dataset(*key)}
+        except UserError as e:
+            hint = "" if args.eval_data_path else "; --eval-data-path says where it is on this machine"
+            raise UserError(f"{run_dir!r} was trained on --data {key[0]}, read from {key[1]!r}: {e}{hint}") from None
     data, dev = cache[key]["data"], args.device
     ckpt, model, objective, _ = load_model(ckpts[0], "ema", dev, need_decoder=False)
     row["step"] = ckpt["step"]     # the step evaluated: later than the last log line if a signal stopped the run
@@ -173,9 +177,10 @@ def evaluate(run_dir, args, cache):
     return row
 
 
-def check_comparable(run_dirs):
+def check_comparable(run_dirs, data_path=None):
     """Refuse a table whose rows cannot be compared: runs of other data or models, a run listed
-    twice, or two runs of one arm and seed. Different step counts draw a warning."""
+    twice, or two runs of one arm and seed. Different step counts draw a warning. data_path (from
+    --eval-data-path) replaces the path each run was trained from."""
     seen, kinds, steps = {}, set(), set()
     for d in run_dirs:
         config, logs, _ = read_log(d)
@@ -188,7 +193,7 @@ def check_comparable(run_dirs):
         seen[key] = real
         # the contrastive arm is flow matching with two views; every other arm shares one objective
         objective = "flow" if a.get("objective", "flow") == "contrastive" else a.get("objective", "flow")
-        kinds.add((a["data"], a["data_path"], a.get("image_size"), a["model"], objective))
+        kinds.add((a["data"], data_path or a["data_path"], a.get("image_size"), a["model"], objective))
         steps.add(logs[-1]["step"] if logs else None)
     if len(kinds) > 1:
         raise UserError("these runs differ in data, model or objective, so a paired table means nothing: "
@@ -283,6 +288,8 @@ def main(argv=None):
       "(default: the objective's)")
     a("--cfg-scale", type=number(float), default=1.0, help="guidance scale of the evaluation samples")
     a("--sample-seed", type=int, default=0, help="noise seed for the evaluation samples (the same for every run)")
+    a("--eval-data-path", default=None, help="where the runs' data set is on this machine, if not where they "
+      "were trained from (runs copied from another machine)")
     a("--eval-device", default="auto", help="device for the evaluation: auto, cpu, cuda, cuda:N, mps")
     a("--probe", action="store_true", help="also a linear probe of every block of each run's newest checkpoint "
       "(probe.py): columns probe_best_t<t> and probe_reg_t<t>, and <root>/probe.png")
@@ -337,7 +344,7 @@ def main(argv=None):
                 raise UserError(f"{out} stopped before step {args.steps}; run the same command again to continue")
 
     args.device = pick_device(args.eval_device)
-    check_comparable(run_dirs)
+    check_comparable(run_dirs, args.eval_data_path)
     cache = {}
     rows = [evaluate(d, args, cache) for d in run_dirs]
     md = table(rows)

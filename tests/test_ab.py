@@ -1,6 +1,7 @@
 """ab.py: every arm on a tiny budget with the same data order and noise, a table that is the
 statistics of its rows, --compare."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -146,6 +147,18 @@ def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys
     assert "ema_flow" in rows[0] and "ema_flow" not in rows[1]
     with pytest.raises(UserError, match="has no checkpoint to sample or probe"):
         ab.main(["--compare", no_ckpt, runs["b0"], "--probe", *cmp])
+
+    # runs copied from another machine: their data set is elsewhere here
+    moved = str(tmp_path / "moved")
+    shutil.copytree(runs["b0"], moved)
+    lines = open(f"{moved}/metrics.jsonl").read().splitlines()
+    config = json.loads(lines[0])
+    config["args"]["data_path"] = str(tmp_path / "gone")
+    open(f"{moved}/metrics.jsonl", "w").write("\n".join([json.dumps(config)] + lines[1:]) + "\n")
+    with pytest.raises(UserError, match=r"moved' was trained on --data folder, read from '.*gone': .*--eval-data-path"):
+        ab.main(["--compare", moved, *cmp])
+    rows = ab.main(["--compare", runs["d0"], moved, "--eval-data-path", str(image_folder), *cmp])
+    assert rows[1]["ema_flow"] == pytest.approx(ab.main(["--compare", runs["b0"], *cmp])[0]["ema_flow"])
 
 
 def test_arm_names_show_the_settings_that_differ_from_the_papers():
