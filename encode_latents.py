@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import center_crop, list_image_folder
 from latents import DEFAULT_VAE, encode, load_vae
-from utils import HelpFormatter, UserError, pick_device, run_main, writable_dir
+from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
 
 
 # ----------------------------------------------------------------------------------------
@@ -71,16 +71,14 @@ def main(argv=None):
     a = p.add_argument
     a("--data-path", required=True, help="ImageFolder-layout directory: one sub-directory of images per class")
     a("--out", required=True, help="output directory for moments.npy, labels.npy, files.txt and meta.json")
-    a("--image-size", type=int, default=256, help="centre-crop size in pixels (ADM / DiT crop); latents are 8x smaller")
+    a("--image-size", type=number(int, min=8), default=256, help="centre-crop size in pixels (ADM / DiT crop); latents are 8x smaller")
     a("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: a Hugging Face repo id, or a local directory "
       "(as save_pretrained writes it) for machines without internet")
     a("--no-flip", action="store_true", help="do not also encode the mirror image of every image (halves time and disk)")
-    a("--batch-size", type=int, default=128, help="images per encoder pass (x2 with flips)")
-    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding and cropping images")
+    a("--batch-size", type=number(int, min=1), default=128, help="images per encoder pass (x2 with flips)")
+    a("--num-workers", type=number(int, min=0), default=min(8, os.cpu_count() or 1), help="processes decoding and cropping images")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     args = p.parse_args(argv)
-    if args.image_size < 8 or args.batch_size < 1 or args.num_workers < 0:
-        raise UserError("--image-size must be at least 8, --batch-size at least 1, --num-workers at least 0")
     writable_dir(args.out, "--out")
 
     files, classes = list_image_folder(args.data_path)

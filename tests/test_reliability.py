@@ -275,6 +275,20 @@ def test_bad_flags(image_folder, tmp_path, flags, message, capsys):
     assert not (tmp_path / "o").exists()        # a run that never started leaves no directory behind
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size: must be an integer >= 1, got 0"),
+    (["--image-size", "4"], "--image-size: must be an integer >= 8, got 4"),
+    (["--num-workers", "-1"], "--num-workers: must be an integer >= 0, got -1"),
+])
+def test_encode_latents_bad_flags(image_folder, tmp_path, flags, message, capsys):
+    import encode_latents          # its flags are checked before diffusers is needed
+    with pytest.raises(SystemExit) as exit:
+        run_main(lambda: encode_latents.main(["--data-path", str(image_folder), "--out", str(tmp_path / "o"), *flags]))
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_flags_in_a_subprocess(image_folder, tmp_path):
     assert "--disp-weight: must be a finite number >= 0, got -1" in bad(
         tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--disp-weight", "-1"))
