@@ -53,7 +53,7 @@ def test_curves_draw_the_log(runs, tmp_path):
     assert disp[0]["disp"] < 0 and all(r["disp"] == 0 for r in b0)       # the arms are what their labels say
 
 
-def test_probe_figure_and_cli(runs, tmp_path):
+def test_probe_figure_and_cli(runs, tmp_path, monkeypatch):
     paths = []
     for name, d in runs.items():
         res = probe.probe(d, ts=(0.9, 0.5), train_samples=16, test_samples=8, stats_samples=8,
@@ -76,6 +76,22 @@ def test_probe_figure_and_cli(runs, tmp_path):
     drawn = plots.probe_figure([results["baseline_s0"], results["dispersive_s0"], other, {**old, "disp_weight": 0.25}],
                                str(out))
     assert list(drawn[0.5]) == ["baseline", "dispersive", "dispersive λ=1", "dispersive λ=0.25"]
+    # the regularised block: a grey band when every arm has the same one; in a block sweep, a ring
+    # on each line at its own block, in its colour, and no band
+    from matplotlib.colors import to_rgba
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig))
+    block3 = {**results["dispersive_s0"], "disp_blocks": [3],
+              "train_args": {**results["dispersive_s0"]["train_args"], "disp_block": "3"}}
+    plots.probe_figure([results["baseline_s0"], results["dispersive_s0"], other], str(out))
+    plots.probe_figure([results["baseline_s0"], results["dispersive_s0"], block3], str(out))
+    rings = lambda ax: [(list(line.get_xdata()), to_rgba(line.get_markeredgecolor())) for line in ax.lines
+                        if line.get_markerfacecolor() == "none" and len(line.get_xdata())]
+    shared, sweep = figs[0].axes[0], figs[1].axes[0]
+    assert len(shared.patches) == 1 and rings(shared) == []
+    colour = [to_rgba(c) for c in plots.colours(3)]        # the lines' colours: baseline, block 1, block 3
+    assert len(sweep.patches) == 0 and rings(sweep) == [([1], colour[1]), ([3], colour[2])]
+    monkeypatch.undo()
     # more arms than the 10 colours: each its own colour still
     many = [{**other, "train_args": {**other["train_args"], "disp_weight": w}} for w in np.arange(1, 12)]
     assert len(plots.probe_figure(many, str(out))[0.5]) == 11 and len(set(map(str, plots.colours(11)))) == 11
