@@ -111,8 +111,9 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
 
 class Dispersive:
     """The regulariser as the objectives use it: the dispersive loss of the chosen blocks'
-    outputs (their mean, with several blocks), with its weight lambda. weight 0 is the baseline:
-    nothing is computed then."""
+    outputs (their mean, with several blocks), unweighted; the objective multiplies it by
+    `weight` (lambda). weight 0 is the baseline: nothing is computed then. The defaults are the
+    paper's (block 3 = depth // 4 of the 12-block S and B models; from_args takes the flags)."""
 
     def __init__(self, weight=0.5, tau=0.5, blocks=(3,), variant="infonce_l2", group_size=16):
         if variant not in VARIANTS:
@@ -185,33 +186,12 @@ def drop_labels(y, drop, null_label):
 class FlowMatching:
     """Flow matching (SiT) plus the dispersive loss: the objective of the paper's tables.
 
-    The class attributes tell train.py, sample.py and bench.py how to use an objective; the
-    other objectives (objectives.py) subclass this one and change what differs."""
-    model_class = DiT                      # the network it trains
-    views = 1                              # forward passes per image: --batch-size counts passes, so a
-                                           # batch holds batch_size // views images (contrastive.py: 2)
-    solvers = ("euler", "heun", "dopri5")  # sample.py's solvers that fit its model; the first is the default
-    solver_fns = {}                        # solvers of its own, by name (MeanFlow's jumps, DDIM)
-    sample_steps = 50                      # default solver steps
-    flops_per_forward_mac = 6              # training FLOPs per image / forward MACs per image, for bench.py's
-                                           # MFU: 2 FLOPs per multiply-add, x 3 for forward + backward
+    The class attributes and class methods at the end tell train.py, sample.py and bench.py how
+    to use an objective; the other objectives (objectives.py) subclass this one and change what
+    differs."""
 
     def __init__(self, reg, null_label=None, p_uncond=0.1):
         self.reg, self.null_label, self.p_uncond = reg, null_label, p_uncond
-
-    @classmethod
-    def add_args(cls, parser):
-        """Flags of this objective alone (none for flow matching): a list of argparse actions."""
-        return []
-
-    @classmethod
-    def from_args(cls, args, model, null_label):
-        return cls(Dispersive.from_args(args, model.depth), null_label, args.p_uncond)
-
-    @staticmethod
-    def sampling_note(train_args, cfg_scale):
-        """A warning for sample.py about sampling such a model with these settings, or None."""
-        return None
 
     def draw(self, gen, shape):
         """The step's random draws for a batch of images of `shape`: noise, times and label drops.
@@ -221,7 +201,7 @@ class FlowMatching:
                 "t": torch.rand(B, device=device, generator=gen),
                 "drop": torch.rand(B, device=device, generator=gen) < self.p_uncond}
 
-    noised = staticmethod(interpolate)    # x_t from data x, noise eps and times t (probe.py uses it too)
+    noised = staticmethod(interpolate)    # x_t from x, eps, t (probe.py uses it too; diffusion.py overrides it)
 
     def inputs(self, x, y, draws):
         """The network's inputs (x_t, t, labels with the dropped ones made null) and its target."""
@@ -238,3 +218,27 @@ class FlowMatching:
         flow = F.mse_loss(pred.float(), target.float())
         disp = self.reg(blocks) if self.reg.weight > 0 else torch.zeros_like(flow)   # the baseline: nothing to compute
         return {"flow": flow, "disp": disp, "total": flow + self.reg.weight * disp, "blocks": blocks}
+
+    # What train.py, sample.py and bench.py read from an objective (the subclasses change these)
+    model_class = DiT                      # the network it trains
+    views = 1                              # forward passes per image: --batch-size counts passes, so a
+                                           # batch holds batch_size // views images (contrastive.py: 2)
+    solvers = ("euler", "heun", "dopri5")  # sample.py's solvers that fit its model; the first is the default
+    solver_fns = {}                        # solvers of its own, by name (MeanFlow's jumps, DDIM)
+    sample_steps = 50                      # default solver steps
+    flops_per_forward_mac = 6              # training FLOPs per image / forward MACs per image, for bench.py's
+                                           # MFU: 2 FLOPs per multiply-add, x 3 for forward + backward
+
+    @classmethod
+    def add_args(cls, parser):
+        """Flags of this objective alone (none for flow matching): a list of argparse actions."""
+        return []
+
+    @classmethod
+    def from_args(cls, args, model, null_label):
+        return cls(Dispersive.from_args(args, model.depth), null_label, args.p_uncond)
+
+    @staticmethod
+    def sampling_note(train_args, cfg_scale):
+        """A warning for sample.py about sampling such a model with these settings, or None."""
+        return None

@@ -5,8 +5,10 @@ objective regresses (a velocity for flow matching, loss.py). It can also hand ba
 of chosen transformer blocks: that residual stream is what the dispersive loss regularises.
 
 Reading order: embedders, the block, the final layer, the model, the size registry. The file
-stays comparable with DiT's models.py block by block; extensions (MeanFlow's second time
-input, meanflow.py) are subclasses elsewhere.
+stays comparable with DiT's models.py block by block, with shorter names (DiT's t_embedder,
+y_embedder, adaLN_modulation, final_layer and embedding_table are t_embed, y_embed, adaLN,
+final and table here); extensions (MeanFlow's second time input, meanflow.py) are subclasses
+elsewhere.
 """
 import math
 
@@ -133,9 +135,9 @@ class DiT(nn.Module):
     # The sin-cos frequencies of the time embedding (periods 2*pi .. 2*pi*10000) were designed
     # for DDPM's integer steps 0..1000; t in [0, 1] would move only the fastest few of them (the
     # rest would stay nearly constant), so it is scaled by 1000 first, as DiT's integer steps
-    # are. (SiT, the paper's flow model, feeds t in [0, 1] unscaled: a choice of ours that keeps
-    # DiT's and flow checkpoints alike; MeanFlowDiT goes back to SiT's, for the reason its
-    # docstring gives.)
+    # are. SiT, the paper's flow model, feeds t in [0, 1] unscaled; the scaling is our choice, so
+    # that one time embedding serves both objectives (the README's setup table lists it).
+    # MeanFlowDiT goes back to SiT's, for the reason its docstring gives.
     time_scale = 1000.0
 
     def __init__(self, image_size=32, in_channels=3, patch=2, hidden=384, depth=12, heads=6,
@@ -209,7 +211,7 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Sizes. S/B/L/XL are the DiT paper's; Ti and Mi are ours, small enough for a laptop CPU:
 # Ti (tiny) is DeiT-Ti's width at half of its depth, Mi (micro) is for tests and the
-# 10-minute Fashion-MNIST preset on two CPU cores.
+# Fashion-MNIST preset (about 6 minutes on two CPU cores).
 # ----------------------------------------------------------------------------------------
 
 SIZES = {  # name: (depth, hidden, heads)

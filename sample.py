@@ -1,8 +1,8 @@
 """Turn a checkpoint into images: integrate dx/dt = v(x, t, y) from noise (t = 0) to data (t = 1).
 
-    python sample.py --ckpt runs/cifar/checkpoints/step_0400000.pt              # PNG grid
-    python sample.py --ckpt ... --num-samples 50000 --out samples.npz           # for FID
-    python sample.py --ckpt ... --solver dopri5                                  # the paper's ODE sampler
+    python sample.py --ckpt runs/cifar10_DiT-S-2_w0.5_s0/checkpoints/step_0400000.pt   # PNG grid
+    python sample.py --ckpt ... --num-samples 50000 --out samples.npz                  # for FID
+    python sample.py --ckpt ... --solver dopri5                                         # the paper's ODE sampler
 
 The .npz holds arr_0 (N, H, W, C) uint8 and arr_1 (N,) labels, the ADM / DiT convention
 that FID tools read. EMA weights are used unless --raw-weights is given. Checkpoints of the
@@ -27,8 +27,7 @@ from utils import HelpFormatter, UserError, autocast, number, output_file, pick_
 
 
 # ----------------------------------------------------------------------------------------
-# ODE solvers. fn(x, t) returns the velocity; t is a python float in [0, 1]. The time grid
-# is float64 so that 1000 small steps still add up to exactly t = 1.
+# ODE solvers. fn(x, t) returns the velocity; t is a python float in [0, 1].
 # ----------------------------------------------------------------------------------------
 
 def euler(fn, x, steps):

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from loss import Dispersive, FlowMatching, block_stats, dispersive_loss, interpolate, parse_blocks
+from loss import VARIANTS, Dispersive, FlowMatching, block_stats, dispersive_loss, interpolate, parse_blocks
 from model import DiT
+from utils import UserError
 
 
 def infonce_l2_reference(z, tau):
@@ -46,9 +47,6 @@ def test_batch_size_one_still_backprops():
     z = torch.randn(1, 10, requires_grad=True)
     dispersive_loss(z).backward()
     assert torch.equal(z.grad, torch.zeros_like(z))
-
-
-VARIANTS = ["infonce_l2", "infonce_cos", "hinge", "covariance"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -96,7 +94,7 @@ def test_groups_are_the_mean_of_separate_groups(variant):
     z = torch.randn(12, 2, 3, generator=torch.Generator().manual_seed(4)) * 0.6
     per_group = [dispersive_loss(z[i:i + 4], variant).item() for i in range(0, 12, 4)]
     assert dispersive_loss(z, variant, group_size=4).item() == pytest.approx(sum(per_group) / 3, rel=1e-5, abs=1e-6)
-    assert dispersive_loss(z, variant, group_size=12).item() == dispersive_loss(z, variant).item()   # one group = 0
+    assert dispersive_loss(z, variant, group_size=12).item() == dispersive_loss(z, variant).item()   # G = B: one group, as 0
     assert dispersive_loss(z, variant, group_size=4).item() != pytest.approx(dispersive_loss(z, variant).item())
 
 
@@ -188,7 +186,8 @@ def test_flow_matching_endpoints_and_target():
 # ----------------------------------------------------------------------------------------
 
 class Oracle(torch.nn.Module):
-    """Returns a fixed velocity; its "block 1" is its input x_t. Records the labels it saw."""
+    """Returns a fixed velocity, and its input x_t as the output of every block asked for.
+    Records the labels it saw."""
 
     def __init__(self, v):
         super().__init__()
@@ -199,7 +198,7 @@ class Oracle(torch.nn.Module):
         return self.v.clone(), {b: xt for b in return_blocks}
 
 
-def flow_noise(eps, t, drop=None):
+def draws(eps, t, drop=None):
     return {"eps": eps, "t": t, "drop": drop}
 
 
@@ -208,7 +207,7 @@ def test_oracle_gets_zero_loss_and_labels_drop_once():
     model = Oracle(x - eps)
     drop = torch.tensor([True, False, True, False])
     objective = FlowMatching(Dispersive(weight=0.0, blocks=(1,)), null_label=10)
-    losses = objective(model, x, torch.tensor([0, 1, 2, 3]), flow_noise(eps, t, drop))
+    losses = objective(model, x, torch.tensor([0, 1, 2, 3]), draws(eps, t, drop))
     assert losses["flow"].item() == 0.0 and losses["total"].item() == 0.0 and losses["disp"].item() == 0.0
     assert model.seen.tolist() == [10, 1, 10, 3]
 
@@ -217,7 +216,7 @@ def test_total_combines_terms():
     x, eps, t = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.rand(4)
     model = Oracle(x - eps - 0.1)
     objective = FlowMatching(Dispersive(weight=0.25, blocks=(1,), group_size=2))
-    losses = objective(model, x, torch.zeros(4, dtype=torch.long), flow_noise(eps, t))
+    losses = objective(model, x, torch.zeros(4, dtype=torch.long), draws(eps, t))
     assert losses["flow"].item() == pytest.approx(0.01, rel=1e-4)
     xt = interpolate(x, eps, t)
     assert losses["disp"].item() == pytest.approx(dispersive_loss(xt, tau=0.5, group_size=2).item(), abs=1e-6)
@@ -250,7 +249,7 @@ def test_dispersive_gradient_reaches_blocks_up_to_k_only(k):
     g = torch.Generator().manual_seed(1)
     x, eps = torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 1, 8, 8, generator=g)
     objective = FlowMatching(Dispersive(weight=0.5, blocks=(k,), group_size=4))
-    losses = objective(model, x, torch.randint(0, 3, (8,), generator=g), flow_noise(eps, torch.rand(8, generator=g)))
+    losses = objective(model, x, torch.randint(0, 3, (8,), generator=g), draws(eps, torch.rand(8, generator=g)))
     params = list(model.parameters())
     grads = torch.autograd.grad(losses["disp"], params, retain_graph=True, allow_unused=True)
     norm = {name: 0.0 if gr is None else gr.norm().item() for (name, _), gr in zip(model.named_parameters(), grads)}
@@ -271,7 +270,7 @@ def test_baseline_computes_no_dispersive_term():
     calls = []
     model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
     objective = FlowMatching(Dispersive(weight=0.0, blocks=(1,)))
-    noise = flow_noise(torch.randn(4, 1, 8, 8), torch.rand(4))
+    noise = draws(torch.randn(4, 1, 8, 8), torch.rand(4))
     losses = objective(model, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), noise)
     assert losses["disp"].item() == 0.0 and losses["blocks"] == {} and losses["total"] is not None
     with_watch = objective(model, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), noise, extra_blocks=(2, 4))
@@ -284,7 +283,6 @@ def test_disp_block_parsing():
     assert parse_blocks("last", 12) == (12,)
     assert parse_blocks("all", 4) == (1, 2, 3, 4)
     assert parse_blocks("6,2", 12) == (2, 6)
-    from utils import UserError
     with pytest.raises(UserError, match="out of range"):
         parse_blocks("13", 12)
     with pytest.raises(UserError, match="expected"):

@@ -74,7 +74,7 @@ def get_args(argv=None):
                    help="continue a run: a checkpoint file, a run directory, or nothing for --out's newest checkpoint")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU: faster after a minute)")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--log-every", type=number(int, min=1), default=50, help="steps between log lines (the only syncs)")
+    g.add_argument("--log-every", type=number(int, min=1), default=50, help="steps between log lines (the only per-step syncs)")
     g.add_argument("--sample-every", type=number(int, min=0), default=5000, help="steps between grids of EMA samples (0: never)")
     g.add_argument("--sample-steps", type=number(int, min=1), default=None, help="solver steps for them (default: the objective's)")
     g.add_argument("--sample-cfg", type=number(float), default=1.0, help="guidance scale for them")
@@ -175,7 +175,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
     main_proc = rank == 0
-    torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32
+    torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32 (the dispersive distances too)
     torch.backends.cudnn.allow_tf32 = True
     resume_path, ckpt = rundir.prepare(args.out, args.resume)      # checks only: it creates nothing yet
 
@@ -186,6 +186,7 @@ def main(argv=None):
     if main_proc:
         barrier()
     model, ema, opt, objective = build(args, data, device, world)
+    # views: forward passes per image (1; 2 for contrastive.py's two noised copies of each image)
     reg, views, local = objective.reg, objective.views, args.batch_size // world
     if reg.weight > 0 and (reg.group_size or local) == 1 and main_proc:
         print("warning: the dispersive loss of 1 sample is constant (0) and does nothing", file=sys.stderr)
