@@ -145,10 +145,18 @@ def evaluate(run_dir, args, cache):
         try:
             cache[key] = {"data": load_dataset(*key)}
         except UserError as e:
-            hint = "" if args.eval_data_path else "; --eval-data-path says where it is on this machine"
-            raise UserError(f"{run_dir!r} was trained on --data {key[0]}, read from {key[1]!r}: {e}{hint}") from None
+            if args.eval_data_path:
+                raise UserError(str(e).replace("--data-path", "--eval-data-path")) from None
+            raise UserError(f"{run_dir!r} was trained on --data {key[0]}, read from {key[1]!r}: {e}; "
+                            f"--eval-data-path says where it is on this machine") from None
     data, dev = cache[key]["data"], args.device
     ckpt, model, objective, _ = load_model(ckpts[0], "ema", dev, need_decoder=False)
+    fits = data.shape == (model.in_channels, model.image_size, model.image_size) and \
+        data.num_classes == (model.num_classes or data.num_classes)
+    if not fits:          # --eval-data-path (or a folder changed since) holds another data set
+        C, H, W = data.shape
+        raise UserError(f"{key[1]!r} holds {C}x{H}x{W} images of {data.num_classes} classes, but {run_dir!r}'s model "
+                        f"takes {model.in_channels}x{model.image_size}x{model.image_size} of {model.num_classes}")
     row["step"] = ckpt["step"]     # the step evaluated: later than the last log line if a signal stopped the run
     row["ema_flow"] = ema_loss(model, objective, ckpt["args"], data, device=dev)
     if args.eval_samples:
@@ -177,11 +185,11 @@ def evaluate(run_dir, args, cache):
     return row
 
 
-def check_comparable(run_dirs, data_path=None):
+def check_comparable(run_dirs, eval_data_path=None):
     """Refuse a table whose rows cannot be compared: runs of other data or models, a run listed
-    twice, or two runs of one arm and seed. Different step counts draw a warning. data_path (from
-    --eval-data-path) replaces the path each run was trained from."""
-    seen, kinds, steps = {}, set(), set()
+    twice, or two runs of one arm and seed. Different step counts draw a warning, and so do runs
+    trained from different paths that --eval-data-path scores on one data set."""
+    seen, kinds, steps, paths = {}, set(), set(), set()
     for d in run_dirs:
         config, logs, _ = read_log(d)
         a = config["args"]
@@ -193,11 +201,15 @@ def check_comparable(run_dirs, data_path=None):
         seen[key] = real
         # the contrastive arm is flow matching with two views; every other arm shares one objective
         objective = "flow" if a.get("objective", "flow") == "contrastive" else a.get("objective", "flow")
-        kinds.add((a["data"], data_path or a["data_path"], a.get("image_size"), a["model"], objective))
+        kinds.add((a["data"], eval_data_path or a["data_path"], a.get("image_size"), a["model"], objective))
+        paths.add(a["data_path"])
         steps.add(logs[-1]["step"] if logs else None)
     if len(kinds) > 1:
         raise UserError("these runs differ in data, model or objective, so a paired table means nothing: "
                         + "; ".join(", ".join(map(str, k)) for k in sorted(kinds, key=str)))
+    if eval_data_path and len(paths) > 1:
+        print(f"warning: the runs were trained from {', '.join(map(repr, sorted(paths)))}, and are all scored on "
+              f"--eval-data-path {eval_data_path!r}: make sure they are one data set", file=sys.stderr)
     if len(steps) > 1:
         print(f"warning: the runs stopped at different steps ({sorted(steps, key=str)}): "
               f"their differences mix the arm with the budget", file=sys.stderr)
@@ -353,6 +365,7 @@ def main(argv=None):
         f.write(md + "\n")
     with open(os.path.join(args.root, "ab.json"), "w") as f:
         json.dump({"rows": rows, "train_args": train_args, "steps": args.steps, "eval_samples": args.eval_samples,
+                   "eval_data_path": args.eval_data_path,
                    "extractor": args.extractor if args.eval_samples else None, "cfg_scale": args.cfg_scale,
                    "probe": {"t": args.probe_t, "train_samples": args.probe_train_samples,
                              "test_samples": args.probe_test_samples} if args.probe else None}, f, indent=1)

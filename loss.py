@@ -186,9 +186,9 @@ def drop_labels(y, drop, null_label):
 class FlowMatching:
     """Flow matching (SiT) plus the dispersive loss: the objective of the paper's tables.
 
-    The class attributes and class methods at the end tell train.py, sample.py and bench.py how
+    The attributes and methods at the end of the class tell train.py, sample.py and bench.py how
     to use an objective; the other objectives (objectives.py) subclass this one and change what
-    differs."""
+    differs (and `noised`, below)."""
 
     def __init__(self, reg, null_label=None, p_uncond=0.1):
         self.reg, self.null_label, self.p_uncond = reg, null_label, p_uncond

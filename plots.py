@@ -311,14 +311,16 @@ def probe_figure(results, out):
             if members[0].get("disp_weight"):
                 own = set(members[0]["disp_blocks"])
                 reg.append((own, [(b, m) for b, m in zip(blocks, mean) if b in own], colour))
-        if len({tuple(sorted(own)) for own, _, _ in reg}) == 1:     # one block (set) for all arms: a band
+        if len({tuple(sorted(r[0])) for r in reg}) == 1:     # one block (set) for all arms: a band
             for b in sorted(reg[0][0]):
                 ax.axvspan(b - 0.2, b + 0.2, color="0.88", zorder=0, label="regularised block" if b == min(reg[0][0]) else None)
         elif reg:                   # a block sweep: ring each line at its own regularised block(s)
             for _, points, colour in reg:
                 if points:
                     ax.plot(*zip(*points), ls="none", marker="o", ms=12, mfc="none", mec=colour, mew=1.5)
-            ax.plot([], [], ls="none", marker="o", ms=12, mfc="none", mec="0.3", label="ringed: the line's regularised block")
+            if any(points for _, points, _ in reg):
+                ax.plot([], [], ls="none", marker="o", ms=12, mfc="none", mec="0.3",
+                        label="ringed: the line's regularised block")
         pix = [p["accuracy"] for res in results for p in res["pixels"] if p["t"] == t]
         if pix:
             ax.axhline(np.mean(pix), color="0.3", ls="--", lw=1, label="linear probe on the input x_t")

@@ -27,7 +27,8 @@ from utils import HelpFormatter, UserError, autocast, number, output_file, pick_
 
 
 # ----------------------------------------------------------------------------------------
-# ODE solvers. fn(x, t) returns the velocity; t is a python float in [0, 1].
+# ODE solvers. fn(x, t) returns the velocity; t is a python float in [0, 1] (the grids are
+# built in float64, so that t is 0.02, not float32's 0.0199999995).
 # ----------------------------------------------------------------------------------------
 
 def euler(fn, x, steps):

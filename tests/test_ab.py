@@ -11,7 +11,7 @@ import ab
 import data
 import plots
 import train
-from conftest import read_jsonl, tiny_args
+from conftest import make_image_folder, read_jsonl, tiny_args
 from rundir import list_checkpoints, load_checkpoint
 from utils import UserError
 
@@ -158,7 +158,13 @@ def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys
     with pytest.raises(UserError, match=r"moved' was trained on --data folder, read from '.*gone': .*--eval-data-path"):
         ab.main(["--compare", moved, *cmp])
     rows = ab.main(["--compare", runs["d0"], moved, "--eval-data-path", str(image_folder), *cmp])
+    assert "trained from" in capsys.readouterr().err      # d0 here, moved elsewhere: one data set? a warning
     assert rows[1]["ema_flow"] == pytest.approx(ab.main(["--compare", runs["b0"], *cmp])[0]["ema_flow"])
+    with pytest.raises(UserError, match=r"^--eval-data-path '.*gone' is not a directory"):
+        ab.main(["--compare", moved, "--eval-data-path", str(tmp_path / "gone"), *cmp])
+    other = make_image_folder(tmp_path / "other", classes=2)          # another data set of the same size
+    with pytest.raises(UserError, match=r"other' holds 3x16x16 images of 2 classes, but .*takes 3x16x16 of 3"):
+        ab.main(["--compare", moved, "--eval-data-path", other, *cmp])
 
 
 def test_arm_names_show_the_settings_that_differ_from_the_papers():

@@ -216,7 +216,7 @@ def truncate(path):
     ("wrong_dim", r"mu \(64,\) and sigma \(64, 64\) do not fit the 128-d features"),
     ("nan", "finite"),
     ("truncated", "cannot read"),
-    ("ref_data", "--ref-data-path '.*nowhere' is not a directory"),     # fid.py's flag, not train.py's
+    ("ref_data", r"^--ref-data-path '[^']*nowhere' is not a directory"),     # fid.py's flag, not train.py's
 ])
 def test_reference_is_checked_before_sampling(folder_and_classifier, ckpt, tmp_path, monkeypatch, case, match):
     root, images, clf = folder_and_classifier
