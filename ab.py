@@ -143,10 +143,11 @@ def evaluate(run_dir, args, cache):
     key = (cargs["data"], args.eval_data_path or cargs["data_path"], cargs.get("image_size"))
     if key not in cache:                    # one data set (and reference) per distinct data
         try:
-            cache[key] = {"data": load_dataset(*key)}
+            cache[key] = {"data": load_dataset(*key, flags=("--data", "--eval-data-path" if args.eval_data_path
+                                                             else "--data-path"))}
         except UserError as e:
             if args.eval_data_path:
-                raise UserError(str(e).replace("--data-path", "--eval-data-path")) from None
+                raise
             raise UserError(f"{run_dir!r} was trained on --data {key[0]}, read from {key[1]!r}: {e}; "
                             f"--eval-data-path says where it is on this machine") from None
     data, dev = cache[key]["data"], args.device

@@ -52,8 +52,18 @@ class ImageSet:
         return to_model_range(self.images[idx]), self.labels[idx]
 
 
-def load_dataset(name, path, image_size=None):
-    """The whole set: an ImageSet, or for --data latents a LatentSet (latents.py)."""
+def load_dataset(name, path, image_size=None, flags=("--data", "--data-path")):
+    """The whole set: an ImageSet, or for --data latents a LatentSet (latents.py). flags: the
+    caller's names for --data and --data-path in its error messages (fid.py: --ref-data ...)."""
+    try:
+        return _load_dataset(name, path, image_size)
+    except UserError as e:
+        if flags == ("--data", "--data-path"):
+            raise
+        raise UserError(str(e).replace("--data-path", flags[1]).replace("--data ", flags[0] + " ")) from None
+
+
+def _load_dataset(name, path, image_size):
     if name == "cifar10":
         return _torchvision_set("CIFAR10", path, flip=True)
     if name in ("fashion-mnist", "mnist"):

@@ -246,19 +246,11 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
                 or not np.isfinite(sigma).all():
             raise UserError(f"{flag}: mu and sigma must be finite numbers, not NaN, inf or {mu.dtype} / {sigma.dtype}")
         return mu, sigma, {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
-    ds = load_reference(data, data_path)
+    ds = load_dataset(data, data_path, flags=("--ref-data", "--ref-data-path"))
     if ds.images is None or ds.images.dtype != torch.uint8:
         raise UserError(f"--ref-data {data}: the reference must be images, not latents (use --ref-stats or an image folder)")
     mu, sigma = statistics(features(fn, ds.images, batch_size, device))
     return mu, sigma, {"data": data, "data_path": os.path.abspath(data_path), "num_images": len(ds)}
-
-
-def load_reference(data, data_path):
-    """The reference data set. data.py's messages name train.py's flags; here they are fid.py's."""
-    try:
-        return load_dataset(data, data_path)
-    except UserError as e:
-        raise UserError(str(e).replace("--data-path", "--ref-data-path").replace("--data ", "--ref-data ")) from None
 
 
 def save_stats(path, mu, sigma, info):
@@ -331,7 +323,7 @@ class TrainingFID:
 
 def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
     """Train SmallClassifier on a data set, holding out 10% to report its accuracy."""
-    ds = load_reference(data, data_path)
+    ds = load_dataset(data, data_path, flags=("--ref-data", "--ref-data-path"))
     if ds.images is None or ds.images.dtype != torch.uint8:
         raise UserError(f"--ref-data {data}: the classifier learns from images, not latents")
     if len(ds) < 10:
