@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 SUITE = '''
 import pytest
@@ -40,7 +40,7 @@ def run_suite(tmp_path, files, ci):
     if ci:
         env["CI"] = "true"
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
 
 
 def test_ci_fails_the_run_on_any_skip_and_names_it(tmp_path):

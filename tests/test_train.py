@@ -9,7 +9,7 @@ import torch
 
 import sample
 import train
-from conftest import ROOT, present, read_jsonl, run_script, tiny_args
+from conftest import ROOT, SUBPROCESS_TIMEOUT, present, read_jsonl, run_script, tiny_args
 from data import BatchStream, Batches, _read_idx, load_dataset
 from loss import dispersive_loss
 from model import build_model
@@ -159,7 +159,7 @@ def test_missing_cifar_names_the_flag(tmp_path):
                all_proxy=dead, NO_PROXY="", no_proxy="")
     run = lambda data, path: subprocess.run([sys.executable, "train.py", "--data", data, "--data-path", str(path),
                                              "--out", str(tmp_path / "o"), "--steps", "1"], cwd=ROOT,
-                                            capture_output=True, text=True, timeout=120, env=env)
+                                            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
     r = run("cifar10", tmp_path / "nothing")
     assert r.returncode == 2, r.stderr
     assert "--data-path" in r.stderr and "Traceback" not in r.stderr
