@@ -58,8 +58,6 @@ def load_dataset(name, path, image_size=None, flags=("--data", "--data-path")):
     try:
         return _load_dataset(name, path, image_size)
     except UserError as e:
-        if flags == ("--data", "--data-path"):
-            raise
         raise UserError(str(e).replace("--data-path", flags[1]).replace("--data ", flags[0] + " ")) from None
 
 
