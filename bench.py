@@ -22,7 +22,6 @@ forward MACs (meanflow.py says why), and its JVP runs attention on SDPA's math k
 """
 import argparse
 import gc
-import platform
 import statistics
 import time
 from collections import Counter
@@ -34,7 +33,7 @@ from data import Batches, ImageSet
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import generate, sampler
-from utils import HelpFormatter, UserError, number, pick_device, run_main
+from utils import HelpFormatter, UserError, describe_device, number, pick_device, run_main
 
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets (the "with sparsity"
 # figures are twice these). Matched against torch.cuda.get_device_name, first hit wins.
@@ -70,12 +69,6 @@ def peak_tflops(device, override):
         name = torch.cuda.get_device_name(device)
         return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
     return None
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def sync(device):
@@ -263,7 +256,7 @@ def main(argv=None):
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
 
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"device: {device_name(device)}; torch {torch.__version__} (CUDA {torch.version.cuda}); {precision}; "
+    print(f"device: {describe_device(device)}; torch {torch.__version__} (CUDA {torch.version.cuda}); {precision}; "
           f"peak {f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}")
     print(f"{args.model}, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
           f"{macs / 1e9:.3f} GMACs forward per image; median of {args.rounds} rounds of {args.steps} steps "

@@ -26,7 +26,8 @@ from loss import VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import generate, grid_labels, sampler, save_grid
-from utils import HelpFormatter, UserError, autocast, barrier, init_distributed, mean_over_gpus, number, run_main
+from utils import (HelpFormatter, UserError, autocast, barrier, describe_device, init_distributed, mean_over_gpus,
+                   number, run_main)
 
 
 def get_args(argv=None):
@@ -209,7 +210,7 @@ def main(argv=None):
     log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if ckpt else None)
     log(type="config", step=start, args=vars(args), model_config=model_config,
         params=sum(p.numel() for p in model.parameters()), disp_blocks=list(reg.blocks), world_size=world,
-        resumed_from=resume_path, vae=data.vae, device=describe(device),
+        resumed_from=resume_path, vae=data.vae, device=describe_device(device),
         versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda})
 
     def save(step):
@@ -274,12 +275,6 @@ def main(argv=None):
                     break
     if world > 1:
         torch.distributed.destroy_process_group()
-
-
-def describe(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import math
 import os
+import platform
 import sys
 
 import torch
@@ -95,6 +96,13 @@ def pick_device(name="auto"):
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
     return dev
+
+
+def describe_device(device):
+    """The device in words, for logs and benchmark tables: the GPU's name, or the CPU and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def autocast(device):
