@@ -6,6 +6,7 @@ same seeds, same data, same number of forward passes.
     python ab.py --compare runs/ab/baseline_s0 runs/ab/dispersive_s0 ...   # existing runs, no training
     python ab.py --disp-variant infonce_l2 infonce_cos hinge covariance ...  # the paper's Table 1
     python ab.py --disp-weight 0.25 0.5 1 --disp-tau 0.25 0.5 1 2 ...        # its lambda x tau sweep
+    python ab.py --steps 1000 --root runs/ab_mf -- --objective meanflow ...  # another objective's two arms
 
 For each seed every arm is trained with train.py's own main(): the weights, the data order and
 every step's noise are functions of (seed, step), so the baseline and dispersive arms differ only
@@ -311,9 +312,9 @@ def main(argv=None):
     a("--probe-test-samples", type=number(int, min=1), default=2000, help="other training images it is scored on")
     args, train_args = p.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]     # train.py's flags, wherever "--" stood
-    own = ("--seed", "--steps", "--out", "--resume", "--objective") + SWEPT
+    own = ("--seed", "--steps", "--out", "--resume") + SWEPT
     if any(a.split("=")[0] in own for a in train_args):
-        raise UserError(f"ab.py sets {', '.join(own)} itself; use its own flags (--arms for --objective)")
+        raise UserError(f"ab.py sets {', '.join(own)} itself; use its own flags")
     if args.compare and (train_args or args.steps is not None or swept(args)):
         raise UserError(f"--compare evaluates existing runs: {' '.join(train_args or swept(args)) or '--steps'} "
                         f"would do nothing")
@@ -324,6 +325,14 @@ def main(argv=None):
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARMS for a in arms):
         raise UserError(f"--arms {args.arms!r}: choose among {', '.join(ARMS)}")
+    # train.py's --objective picks what the baseline and dispersive arms train (flow matching by
+    # default); the contrastive arm is flow matching's paired comparison, so it goes with flow only
+    objective = train.get_args(train_args).objective if not args.compare else None
+    if objective == "contrastive":
+        raise UserError("--objective contrastive is ab.py's contrastive arm: --arms baseline,dispersive,contrastive")
+    if objective not in (None, "flow") and "contrastive" in arms:
+        raise UserError(f"--arms {args.arms}: the contrastive arm is flow matching's paired comparison, "
+                        f"not one of --objective {objective}")
 
     if args.compare:
         run_dirs = args.compare

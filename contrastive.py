@@ -66,7 +66,9 @@ def contrastive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0)
         if variant == "hinge":
             negative = ~(eye | F.one_hot(pos, G).bool())
             return F.relu(margin - D[:, negative]).pow(2).mean() + align
-        return dispersive_loss(z.flatten(0, 1), "covariance", group_size=G) + align
+        if variant == "covariance":
+            return dispersive_loss(z.flatten(0, 1), "covariance", group_size=G) + align
+        raise NotImplementedError(f"variant {variant!r} has no contrastive counterpart here")
 
 
 class Contrastive(Dispersive):

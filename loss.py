@@ -25,7 +25,8 @@ from model import DiT
 from utils import UserError
 
 VARIANTS = ("infonce_l2", "infonce_cos", "hinge", "covariance")
-USES_TAU = ("infonce_l2", "infonce_cos")         # the forms with a temperature (dispersive_loss)
+USES_TAU = ("infonce_l2", "infonce_cos")         # the forms with a temperature: ab.py and plots.py
+                                                 # name runs by it, so a new one must be listed
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,13 +100,15 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
             D = pairwise_sq_dists(z) / d
             off = ~torch.eye(G, dtype=torch.bool, device=z.device)
             per_group = F.relu(margin - D[:, off]).pow(2).mean(dim=1)
-        else:  # covariance
+        elif variant == "covariance":
             zc = z - z.mean(dim=1, keepdim=True)
             zs = zc / (zc.pow(2).sum(dim=1, keepdim=True) / (G - 1) + 1e-8).sqrt()   # unit variance per feature
             gram = zs @ zs.transpose(1, 2)                                           # (groups, G, G)
             fro2 = gram.pow(2).sum(dim=(1, 2)) / (G - 1) ** 2    # ||C||_F^2 with C = zs^T zs / (G-1)
             diag = zs.pow(2).sum(dim=1) / (G - 1)                # C's diagonal, (groups, d)
             per_group = (fro2 - diag.pow(2).sum(dim=1)) / d
+        else:   # a fork's new name in VARIANTS, still without its formula
+            raise NotImplementedError(f"dispersive variant {variant!r} is listed in VARIANTS but has no formula here")
         return per_group.mean()
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from loss import VARIANTS, Dispersive, FlowMatching, block_stats, dispersive_loss, interpolate, parse_blocks
+from loss import USES_TAU, VARIANTS, Dispersive, FlowMatching, block_stats, dispersive_loss, interpolate, parse_blocks
 from model import DiT
 from utils import UserError
 
@@ -57,6 +57,15 @@ def test_order_invariant(variant):
     value = dispersive_loss(z, variant).item()
     assert abs(value) > 1e-3                           # a case with something to compare
     assert dispersive_loss(z[perm], variant).item() == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tau_matters_exactly_for_the_forms_in_uses_tau(variant):
+    # ab.py and plots.py name runs by USES_TAU: a form with a temperature left out of it would
+    # have its tau sweep trained as one run
+    z = torch.randn(8, 6, generator=torch.Generator().manual_seed(11))
+    changes = dispersive_loss(z, variant, tau=0.5).item() != pytest.approx(dispersive_loss(z, variant, tau=2.0).item())
+    assert changes == (variant in USES_TAU)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

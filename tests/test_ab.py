@@ -113,6 +113,26 @@ def test_ab_bad_input(tmp_path):
         ab.main(["--steps", "2", "--arms", "baseline,nope", "--root", str(tmp_path)])
 
 
+def test_ab_trains_another_objectives_two_arms(image_folder, tmp_path):
+    """train.py's --objective after "--" sets what the baseline and dispersive arms train; the
+    contrastive arm, flow matching's paired comparison, is refused with any other objective."""
+    root = tmp_path / "ab"
+    targs = ab_train_args(image_folder, "--objective", "diffusion")
+    rows = ab.main(["--steps", "2", "--seeds", "0", "--root", str(root), "--", *targs])
+    assert sorted(r["arm"] for r in rows) == ["baseline", "dispersive"]
+    for name, weight in (("baseline_s0", 0), ("dispersive_s0", 0.5)):
+        config = read_jsonl(root / name / "metrics.jsonl")[0]
+        assert config["args"]["objective"] == "diffusion" and config["args"]["disp_weight"] == weight
+    with pytest.raises(UserError, match="the contrastive arm is flow matching's paired comparison"):
+        ab.main(["--steps", "2", "--arms", "baseline,contrastive", "--root", str(tmp_path / "c"), "--", *targs])
+    with pytest.raises(UserError, match="--objective contrastive is ab.py's contrastive arm"):
+        ab.main(["--steps", "2", "--root", str(tmp_path / "c"), "--",
+                 *ab_train_args(image_folder, "--objective", "contrastive")])
+    # a root that holds the flow matching runs of the same arms is not reused for these
+    with pytest.raises(UserError, match="--objective diffusion, not flow"):
+        ab.main(["--steps", "2", "--seeds", "0", "--root", str(root), "--", *ab_train_args(image_folder)])
+
+
 def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys):
     """A paired table needs runs of one data set, model and objective, each (arm, seed) once."""
     runs = {name: str(tmp_path / name) for name in ("b0", "d0", "d0_longer")}
