@@ -128,7 +128,7 @@ def test_ab_trains_another_objectives_two_arms(image_folder, tmp_path):
     with pytest.raises(UserError, match="--objective contrastive is ab.py's contrastive arm"):
         ab.main(["--steps", "2", "--root", str(tmp_path / "c"), "--",
                  *ab_train_args(image_folder, "--objective", "contrastive")])
-    # a root that holds the flow matching runs of the same arms is not reused for these
+    # the root of these runs is not reused for flow matching's runs of the same arms and seed
     with pytest.raises(UserError, match="--objective diffusion, not flow"):
         ab.main(["--steps", "2", "--seeds", "0", "--root", str(root), "--", *ab_train_args(image_folder)])
 
