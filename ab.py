@@ -327,10 +327,10 @@ def main(argv=None):
         raise UserError(f"--arms {args.arms!r}: choose among {', '.join(ARMS)}")
     # train.py's --objective picks what the baseline and dispersive arms train (flow matching by
     # default); the contrastive arm is flow matching's paired comparison, so it goes with flow only
-    objective = train.get_args(train_args).objective if not args.compare else None
+    objective = train.get_args(train_args).objective
     if objective == "contrastive":
         raise UserError("--objective contrastive is ab.py's contrastive arm: --arms baseline,dispersive,contrastive")
-    if objective not in (None, "flow") and "contrastive" in arms:
+    if objective != "flow" and "contrastive" in arms:
         raise UserError(f"--arms {args.arms}: the contrastive arm is flow matching's paired comparison, "
                         f"not one of --objective {objective}")
 
