@@ -11,6 +11,8 @@ set -u
 out=${1:-gpu_results}
 zip=${2:-}
 py=${PYTHON:-python3}          # the device image's python3 holds its PyTorch
+cifar=${CIFAR_DIR:-/tmp/cifar} # where CIFAR_ZIP is unzipped
+e2e=${WORK:-/tmp/e2e}          # train.py's run directory
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 { nvidia-smi; $py -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } \
@@ -29,11 +31,11 @@ check() {   # check NAME SECONDS COMMAND...: run it with a time limit, keep its 
 check s2 200 $py bench.py --model DiT-S/2 --compile --warmup 3 --sample-batch 1024 --sample-batches 2 --profile 5
 check b2 130 $py bench.py --model DiT-B/2 --compile --warmup 3 --sample-batches 0 --profile 3
 if [ -n "$zip" ]; then
-    rm -rf /tmp/cifar && $py -m zipfile -e "$zip" /tmp/cifar
-    check train 90 $py train.py --data folder --data-path /tmp/cifar/train --model DiT-S/2 --batch-size 256 \
-        --steps 300 --log-every 50 --sample-every 300 --ckpt-every 300 --out /tmp/e2e --device cuda
-    cp /tmp/e2e/metrics.jsonl "$out/train_metrics.jsonl" 2>/dev/null
-    cp /tmp/e2e/samples/step_0000300.png "$out/train_grid.png" 2>/dev/null
+    rm -rf "$cifar" && $py -m zipfile -e "$zip" "$cifar"
+    check train 90 $py train.py --data folder --data-path "$cifar/train" --model DiT-S/2 --batch-size 256 \
+        --steps 300 --log-every 50 --sample-every 300 --ckpt-every 300 --out "$e2e" --device cuda
+    cp "$e2e/metrics.jsonl" "$out/train_metrics.jsonl" 2>/dev/null
+    cp "$e2e/samples/step_0000300.png" "$out/train_grid.png" 2>/dev/null
 fi
 # MeanFlow's step (its JVP) and 1-step sampling: only when the session has time for it
 if [ -n "${MEANFLOW:-}" ]; then

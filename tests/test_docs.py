@@ -2,18 +2,21 @@
 docstrings (their --help) give about 80 command lines, and a renamed or removed flag would
 otherwise leave them wrong without any test noticing. Each command is parsed by its script's own
 argument parser (train.py's also runs its checks of flag combinations); nothing is trained,
-loaded or written."""
-import argparse
+loaded or written. The GPU scripts (docs/gpu_*.sh) are walked through the same way, at the end."""
 import ast
 import glob
-import importlib
+import json
 import os
 import re
 import shlex
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
 from conftest import ROOT
+from parse_only import parse
 
 # `python X.py ...` at the start of a line (a code block, `$ ` or not) or in `backticks`;
 # torchrun's launcher flags before train.py are its own, not ours
@@ -55,32 +58,6 @@ def documented_commands():
 COMMANDS = documented_commands()
 
 
-class Parsed(Exception):
-    pass
-
-
-def parse(script, argv, monkeypatch):
-    """Parse argv with the script's parser, stopping main() right after it (ab.py: and the train.py
-    flags after its "--" with train.py's parser)."""
-    if script == "train.py":
-        import train
-        train.get_args(argv)                # the parser and the checks that follow it
-        return
-    module = importlib.import_module(script[:-3])
-    method = "parse_known_args" if script == "ab.py" else "parse_args"   # ab.py leaves train.py's flags over
-    original = getattr(argparse.ArgumentParser, method)
-
-    def stop(self, *args, **kwargs):
-        raise Parsed(original(self, *args, **kwargs))
-    monkeypatch.setattr(argparse.ArgumentParser, method, stop)
-    with pytest.raises(Parsed) as result:
-        module.main(argv)
-    monkeypatch.undo()
-    if script == "ab.py":
-        import train
-        train.get_args([a for a in result.value.args[0][1] if a != "--"])
-
-
 def test_the_docs_show_commands():
     """The extraction finds the commands (a broken pattern would make the test below pass on nothing)."""
     scripts = {script for _, script, _ in COMMANDS}
@@ -90,13 +67,60 @@ def test_the_docs_show_commands():
 
 
 @pytest.mark.parametrize("where,script,argv", COMMANDS, ids=[c[0][:90] for c in COMMANDS])
-def test_documented_command_parses(where, script, argv, monkeypatch, capsys):
+def test_documented_command_parses(where, script, argv, capsys):
     if script not in {os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "*.py"))}:
         pytest.fail(f"{where}: there is no {script}")
     try:
-        parse(script, argv, monkeypatch)
+        parse(script, argv)
     except SystemExit as e:     # argparse's error (exit 2), or --help (exit 0)
         err = capsys.readouterr().err.strip().splitlines()[-1:]
         elided = "..." in where and err and "arguments are required" in err[0]     # `X.py ... --flag`
         if e.code != 0 and not elided:
             pytest.fail(f"{where}: {err} (exit {e.code})")
+
+
+# The GPU scripts: a device session is rare and short, and a flag the code no longer takes would
+# waste it. Each script is walked through with python3 replaced by tests/parse_only.py, which
+# parses every project command the script runs (and leaves the file the script waits for next).
+
+def walk_gpu_script(name, tmp_path, *args, **env):
+    """[(script, argv)] of the project commands docs/<name> runs, each parsed by its own parser."""
+    log = tmp_path / "parsed.jsonl"
+    env = {**os.environ, "PYTHON": f"{sys.executable} {os.path.join(ROOT, 'tests', 'parse_only.py')}",
+           "PARSE_LOG": str(log), "WORK": str(tmp_path / "work"), "CIFAR_DIR": str(tmp_path / "cifar"), **env}
+    r = subprocess.run(["bash", os.path.join(ROOT, "docs", name), str(tmp_path / "out"), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    bad = [r for r in records if "error" in r]
+    assert not bad, f"docs/{name}: commands its scripts refuse: {bad}"
+    return [(r["script"], r["argv"]) for r in records]
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_gpu_ab_script_commands_parse(tmp_path):
+    (tmp_path / "cifar" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "cifar" / "train" / "cat" / "0001.jpg").touch()     # counted, never read
+    ran = walk_gpu_script("gpu_ab.sh", tmp_path, "unused.zip")
+    assert sorted(s for s, _ in ran[:3]) == ["fid.py", "train.py", "train.py"]   # at once: in any order
+    assert [s for s, _ in ran[3:]] == ["ab.py", "ab.py"]
+    arms = {os.path.basename(flag(a, "--out")): a for s, a in ran if s == "train.py"}
+    assert {arm: flag(a, "--disp-weight") for arm, a in arms.items()} == {"baseline": "0", "dispersive": "0.5"}
+    assert len(arms["baseline"]) == len(arms["dispersive"])
+    differ = {arms["baseline"][i - 1] for i, (b, d) in enumerate(zip(*arms.values())) if b != d}
+    assert differ == {"--disp-weight", "--out"}          # the same seed, steps and every other flag
+    assert all("--compile" in a and flag(a, "--steps") == "2800" for a in arms.values())
+    assert ["--probe" in a for s, a in ran if s == "ab.py"] == [False, True]    # the scores, then the probe
+    assert "no training log" in (tmp_path / "out" / "ab.md").read_text()  # its summary ran too (real python)
+
+
+def test_gpu_checks_script_commands_parse(tmp_path):
+    with zipfile.ZipFile(tmp_path / "c.zip", "w") as z:
+        z.writestr("train/cat/0001.jpg", b"")
+    ran = walk_gpu_script("gpu_checks.sh", tmp_path, str(tmp_path / "c.zip"), MEANFLOW="1")
+    assert [s for s, _ in ran] == ["bench.py", "bench.py", "train.py", "bench.py"]
+    assert [flag(a, "--model") for _, a in ran] == ["DiT-S/2", "DiT-B/2", "DiT-S/2", "DiT-S/2"]
+    assert flag(ran[2][1], "--data-path") == str(tmp_path / "cifar" / "train")

@@ -1,0 +1,81 @@
+"""Parse a command line with its script's own argument parser, and do nothing else.
+
+- `parse(script, argv)` is what tests/test_docs.py checks every documented command with.
+- Run as a program, this file stands in for python3 in the GPU scripts (docs/gpu_*.sh, run with
+  PYTHON="python3 tests/parse_only.py"), so that a test walks through a whole script in seconds
+  and finds a flag the code no longer takes before a rare GPU session does:
+  - a project script's command line is parsed, appended to $PARSE_LOG as one JSON line, and
+    stands in for its run by leaving the one file the script looks for next (a checkpoint, a
+    classifier);
+  - anything else (`-c`, `-m zipfile`, `-` for a here-document) runs in the real python.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Parsed(Exception):
+    pass
+
+
+def parse(script, argv):
+    """The namespace script's parser makes of argv (ab.py: also its train.py flags after "--",
+    parsed by train.py's parser). argparse's own SystemExit (an error: 2; --help: 0) goes through."""
+    if script == "train.py":
+        import train
+        return train.get_args(argv)         # the parser and the checks that follow it
+    method = "parse_known_args" if script == "ab.py" else "parse_args"   # ab.py leaves train.py's flags over
+    original = getattr(argparse.ArgumentParser, method)
+
+    def stop(self, *args, **kwargs):        # main() stops right after parsing
+        raise Parsed(original(self, *args, **kwargs))
+    setattr(argparse.ArgumentParser, method, stop)
+    try:
+        importlib.import_module(script[:-3]).main(argv)
+    except Parsed as p:
+        result = p.args[0]
+    else:
+        raise AssertionError(f"{script}: main() returned without parsing its arguments")
+    finally:
+        setattr(argparse.ArgumentParser, method, original)
+    if script == "ab.py":
+        import train
+        args, rest = result
+        train.get_args([a for a in rest if a != "--"])
+        return args
+    return result
+
+
+def leave_outputs(script, args):
+    """The file a run of script would leave that the GPU scripts test for before going on."""
+    if script == "train.py":
+        os.makedirs(os.path.join(args.out, "checkpoints"), exist_ok=True)
+        open(os.path.join(args.out, "checkpoints", f"step_{args.steps:07d}.pt"), "w").close()
+    if script == "fid.py" and args.train_classifier:
+        with open(args.train_classifier, "w") as f:
+            f.write("not a classifier: written by tests/parse_only.py")
+
+
+def main():
+    script, argv = sys.argv[1], sys.argv[2:]
+    if not (script.endswith(".py") and os.path.exists(os.path.join(ROOT, script))):
+        os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+    sys.path.insert(0, ROOT)
+    record = {"script": script, "argv": argv}
+    try:
+        args = parse(script, argv)
+    except BaseException as e:      # argparse's exit, or train.py's UserError
+        record["error"] = f"exit {e.code}" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        with open(os.environ["PARSE_LOG"], "a") as f:
+            f.write(json.dumps(record) + "\n")
+    leave_outputs(script, args)
+
+
+if __name__ == "__main__":
+    main()
