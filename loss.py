@@ -133,9 +133,9 @@ class Dispersive:
         """Block numbers the forward pass must return: ours (when the term is on) and extra_blocks."""
         return tuple(sorted(set(extra_blocks) | (set(self.blocks) if self.weight > 0 else set())))
 
-    def __call__(self, blocks):
-        """blocks: {block number: output}, as DiT.forward(..., return_blocks=...) returns them."""
-        return torch.stack([dispersive_loss(blocks[b], self.variant, self.tau, group_size=self.group_size)
+    def __call__(self, outputs):
+        """outputs: {block number: output}, as DiT.forward(..., return_blocks=...) returns them."""
+        return torch.stack([dispersive_loss(outputs[b], self.variant, self.tau, group_size=self.group_size)
                             for b in self.blocks]).mean()
 
 

@@ -28,7 +28,8 @@ from utils import HelpFormatter, UserError, autocast, number, output_file, pick_
 
 # ----------------------------------------------------------------------------------------
 # ODE solvers. fn(x, t) returns the velocity; t is a python float in [0, 1] (the grids are
-# built in float64, so that t is 0.02, not float32's 0.0199999995).
+# built in float64, so the steps t1 - t0 add up to 1 to double precision; the network is then
+# given t in float32).
 # ----------------------------------------------------------------------------------------
 
 def euler(fn, x, steps):

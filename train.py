@@ -162,6 +162,8 @@ def log_values(losses, reg):
     the regularised blocks whatever its weight, in the groups it is trained in and over the whole
     per-GPU batch; and for every block the mean squared distance / d and rms of its outputs."""
     blocks = {b: h.detach() for b, h in losses["blocks"].items()}     # diagnostics: no autograd graph
+    # dispersive_loss itself, not reg(...): the logged measure stays the same in every arm even
+    # when a fork changes what Dispersive.__call__ disperses
     diag = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
                                            for b in reg.blocks]).mean()
     stats = {b: block_stats(blocks[b]) for b in sorted(blocks)}          # (distance, rms) of every block
