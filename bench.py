@@ -37,6 +37,7 @@ from utils import HelpFormatter, UserError, describe_device, number, pick_device
 
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets (the "with sparsity"
 # figures are twice these). Matched against torch.cuda.get_device_name, first hit wins.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
 
 
@@ -169,9 +170,9 @@ def make_train_step(args, device, disp_weight, mode):
                             *(["--disp-block", str(args.disp_block)] if args.disp_block else []),
                             *(["--compile"] if mode != "eager" else [])])
     model, ema, opt, objective = train.build(targs, data, device)
-    net = torch.compile(model) if mode == "compile" else model
+    net = torch.compile(model, mode=args.compile_mode) if mode == "compile" else model
     # "compile-loss": one graph for the whole loss (inputs, forward, flow and dispersive terms)
-    loss_fn = torch.compile(objective.__call__) if mode == "compile-loss" else objective
+    loss_fn = torch.compile(objective.__call__, mode=args.compile_mode) if mode == "compile-loss" else objective
     batches = Batches(data, args.batch_size // objective.views, 0, objective.draw, device)
 
     def step(i):
@@ -188,7 +189,7 @@ def make_sample_batch(args, device, mode):
                         cls=Objective.model_class).to(device).eval()
     for p in model.parameters():   # a fresh DiT outputs exactly 0; give it weights that do something
         torch.nn.init.normal_(p, std=0.02)
-    net = torch.compile(model) if mode != "eager" else model
+    net = torch.compile(model, mode=args.compile_mode) if mode != "eager" else model
     labels = torch.arange(args.sample_batch, device=device) % args.num_classes
     gen = torch.Generator(device).manual_seed(0)
     solver, _, _ = sampler(args.objective, None, args.sample_steps)
@@ -211,6 +212,9 @@ def get_args(argv=None):
     a("--disp-group-size", type=number(int, min=0), default=16, help="dispersive group size, as train.py's")
     a("--compile", action="store_true", help="also time torch.compile'd models (the first warmup steps compile)")
     a("--compile-loss", action="store_true", help="also time the whole loss compiled as one graph (training only)")
+    a("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode for the compiled rows "
+      "(train.py --compile uses default; max-autotune's Triton templates can fuse elementwise work into the "
+      "matrix products, and reduce-overhead's CUDA graphs cut launches: candidates for docs/speed.md's targets)")
     a("--steps", type=pos, default=10, help="timed training steps per round")
     a("--rounds", type=pos, default=3, help="rounds of --steps steps; the median round is reported")
     a("--warmup", type=number(int, min=0), default=5, help="untimed steps before timing (compilation happens here)")
@@ -261,6 +265,7 @@ def main(argv=None):
     print(f"{args.model}, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
           f"{macs / 1e9:.3f} GMACs forward per image; median of {args.rounds} rounds of {args.steps} steps "
           f"after {args.warmup} warmup steps; "
+          f"{f'torch.compile mode {args.compile_mode}; ' if args.compile or args.compile_loss else ''}"
           f"objective {args.objective}; sampling: {args.sample_steps} steps of {sampler(args.objective)[1]}, "
           f"batch {args.sample_batch}, no guidance")
     # Each row is printed as soon as it is measured: a run stopped by a time limit keeps its rows.

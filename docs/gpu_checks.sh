@@ -37,6 +37,12 @@ if [ -n "$zip" ]; then
     cp "$e2e/metrics.jsonl" "$out/train_metrics.jsonl" 2>/dev/null
     cp "$e2e/samples/step_0000300.png" "$out/train_grid.png" 2>/dev/null
 fi
+# B/2 with Inductor's max-autotune (Triton matrix-product templates that can take in the elementwise
+# work around them: docs/speed.md's candidate for the 50% target; it compiles for minutes): when asked
+if [ -n "${AUTOTUNE:-}" ]; then
+    check b2_autotune 400 $py bench.py --model DiT-B/2 --compile --compile-mode max-autotune-no-cudagraphs \
+        --warmup 3 --sample-batches 0
+fi
 # MeanFlow's step (its JVP) and 1-step sampling: only when the session has time for it
 if [ -n "${MEANFLOW:-}" ]; then
     check s2_meanflow 180 $py bench.py --model DiT-S/2 --objective meanflow --compile --warmup 3 --sample-batch 1024

@@ -120,7 +120,7 @@ def test_gpu_ab_script_commands_parse(tmp_path):
 def test_gpu_checks_script_commands_parse(tmp_path):
     with zipfile.ZipFile(tmp_path / "c.zip", "w") as z:
         z.writestr("train/cat/0001.jpg", b"")
-    ran = walk_gpu_script("gpu_checks.sh", tmp_path, str(tmp_path / "c.zip"), MEANFLOW="1")
-    assert [s for s, _ in ran] == ["bench.py", "bench.py", "train.py", "bench.py"]
-    assert [flag(a, "--model") for _, a in ran] == ["DiT-S/2", "DiT-B/2", "DiT-S/2", "DiT-S/2"]
+    ran = walk_gpu_script("gpu_checks.sh", tmp_path, str(tmp_path / "c.zip"), AUTOTUNE="1", MEANFLOW="1")
+    assert [s for s, _ in ran] == ["bench.py", "bench.py", "train.py", "bench.py", "bench.py"]
+    assert [flag(a, "--model") for _, a in ran] == ["DiT-S/2", "DiT-B/2", "DiT-S/2", "DiT-B/2", "DiT-S/2"]
     assert flag(ran[2][1], "--data-path") == str(tmp_path / "cifar" / "train")

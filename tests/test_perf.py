@@ -116,6 +116,19 @@ def test_bench_runs_on_cpu_and_prints_its_table():
     assert r.returncode == 2 and "--disp-group-size 16 does not divide the batch of 8" in r.stderr
 
 
+def test_bench_compiles_every_row_in_the_mode_asked(monkeypatch, capsys):
+    """--compile-mode reaches every torch.compile call of the compiled rows (training, the whole
+    loss, sampling); here torch.compile is replaced by a recorder that returns the function as is."""
+    import bench
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: modes.append(mode) or fn)
+    bench.main(["--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8", "--steps", "1",
+                "--rounds", "1", "--warmup", "0", "--sample-steps", "1", "--sample-batches", "1", "--disp-group-size",
+                "4", "--compile", "--compile-loss", "--compile-mode", "max-autotune-no-cudagraphs"])
+    assert modes == ["max-autotune-no-cudagraphs"] * 5    # 2 models x (compile, compile-loss), 1 sampler
+    assert "torch.compile mode max-autotune-no-cudagraphs" in capsys.readouterr().out
+
+
 def torchrun(nproc, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")    # two processes on two cores: no thread fights
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
