@@ -31,8 +31,9 @@ def alphas_cumprod(steps=STEPS, beta_start=1e-4, beta_end=0.02):
 
 @functools.lru_cache
 def alphas_cumprod_on(device):
-    """The schedule, copied to a device once (a copy per step would make the host wait for the GPU)."""
-    return alphas_cumprod().to(device)
+    """The schedule in float32, copied to a device once (a copy per step would make the host wait
+    for the GPU; MPS has no float64)."""
+    return alphas_cumprod().to(device, torch.float32)
 
 
 def model_time(k):
@@ -71,8 +72,9 @@ class Diffusion(FlowMatching):
 
     @staticmethod
     def noised(x, eps, t):
-        """x_k = sqrt(abar_k) x + sqrt(1 - abar_k) eps at the step k = 1000 (1 - t) of time t."""
-        k = torch.round((1 - t.double()) * STEPS).long().clamp(0, STEPS - 1)
+        """x_k = sqrt(abar_k) x + sqrt(1 - abar_k) eps at the step k = 1000 (1 - t) of time t.
+        float32 recovers k exactly: t = 1 - k / 1000 is off by < 1e-7, so 1000 (1 - t) by < 1e-4."""
+        k = torch.round((1 - t.float()) * STEPS).long().clamp(0, STEPS - 1)
         a = alphas_cumprod_on(x.device)[k].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         return a.sqrt() * x + (1 - a).sqrt() * eps
 

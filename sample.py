@@ -60,7 +60,8 @@ def dopri5(fn, x, steps=None, atol=1e-6, rtol=1e-3):
         from torchdiffeq import odeint          # optional, like torch-fidelity: pip install torchdiffeq
     except ImportError:
         raise UserError("--solver dopri5 needs torchdiffeq: pip install torchdiffeq") from None
-    span = torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device)
+    span = torch.tensor([0.0, 1.0], dtype=torch.float32 if x.device.type == "mps" else torch.float64,
+                        device=x.device)          # MPS has no float64
     with torch.autocast(x.device.type, enabled=False):
         return odeint(lambda t, x: fn(x, t.item()), x, span, method="dopri5", atol=atol, rtol=rtol,
                       options={"step_t": span[1:]})[-1]
