@@ -37,8 +37,9 @@ from utils import HelpFormatter, UserError, describe_device, number, pick_device
 
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets (the "with sparsity"
 # figures are twice these). Matched against torch.cuda.get_device_name, first hit wins.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
+# torch.compile's modes (--compile-mode)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
 def forward_macs(depth, hidden, patch, image_size, in_channels, mlp_ratio=4.0, out_channels=None, freq_dim=256):
