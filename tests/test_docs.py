@@ -101,6 +101,7 @@ def flag(argv, name):
     return argv[argv.index(name) + 1]
 
 
+@pytest.mark.slow     # tens of seconds: each command imports the project afresh
 def test_gpu_ab_script_commands_parse(tmp_path):
     (tmp_path / "cifar" / "train" / "cat").mkdir(parents=True)
     (tmp_path / "cifar" / "train" / "cat" / "0001.jpg").touch()     # counted, never read
@@ -117,6 +118,7 @@ def test_gpu_ab_script_commands_parse(tmp_path):
     assert "no training log" in (tmp_path / "out" / "ab.md").read_text()  # its summary ran too (real python)
 
 
+@pytest.mark.slow
 def test_gpu_checks_script_commands_parse(tmp_path):
     with zipfile.ZipFile(tmp_path / "c.zip", "w") as z:
         z.writestr("train/cat/0001.jpg", b"")
