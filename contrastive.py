@@ -74,8 +74,8 @@ def contrastive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0)
 class Contrastive(Dispersive):
     """The regulariser of this comparison, with the dispersive one's settings and interface."""
 
-    def __call__(self, blocks):
-        return torch.stack([contrastive_loss(blocks[b], self.variant, self.tau, group_size=self.group_size)
+    def __call__(self, outputs):
+        return torch.stack([contrastive_loss(outputs[b], self.variant, self.tau, group_size=self.group_size)
                             for b in self.blocks]).mean()
 
 

@@ -64,7 +64,7 @@ def dopri5(fn, x, steps=None, atol=1e-6, rtol=1e-3):
                         device=x.device)          # MPS has no float64
     with torch.autocast(x.device.type, enabled=False):
         return odeint(lambda t, x: fn(x, t.item()), x, span, method="dopri5", atol=atol, rtol=rtol,
-                      options={"step_t": span[1:]})[-1]
+                      options={"step_t": span[1:], "dtype": span.dtype})[-1]   # its times: float64 by default
 
 
 ODE_SOLVERS = {"euler": euler, "heun": heun, "dopri5": dopri5}

@@ -125,7 +125,8 @@ def test_bench_compiles_every_row_in_the_mode_asked(monkeypatch, capsys):
     bench.main(["--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8", "--steps", "1",
                 "--rounds", "1", "--warmup", "0", "--sample-steps", "1", "--sample-batches", "1", "--disp-group-size",
                 "4", "--compile", "--compile-loss", "--compile-mode", "max-autotune-no-cudagraphs"])
-    assert modes == ["max-autotune-no-cudagraphs"] * 5    # 2 models x (compile, compile-loss), 1 sampler
+    # the two training runs (weight 0 and 0.5) x (compile, compile-loss), and the sampler
+    assert modes == ["max-autotune-no-cudagraphs"] * 5
     assert "torch.compile mode max-autotune-no-cudagraphs" in capsys.readouterr().out
 
 
