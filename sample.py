@@ -16,7 +16,6 @@ import sys
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 import latents
@@ -145,6 +144,9 @@ def grid_labels(num_classes, n):
 
 def save_grid(images_uint8, path, nrow):
     """A PNG grid with 2-pixel borders (torchvision's make_grid)."""
+    # imported here, not at the top: torchvision takes seconds to import, and the scripts that
+    # import this file for its sampler (fid.py, ab.py, probe.py, bench.py) save no grids
+    from torchvision.utils import save_image
     save_image(images_uint8.float() / 255, path, nrow=nrow, padding=2)
 
 
