@@ -98,13 +98,13 @@ def walk_gpu_script(name, tmp_path, *args, **env):
     own = set(re.findall(r"\$\{(\w+)", open(script).read()))          # STEPS, MODEL, DEVICE, ...
     env = {**{k: v for k, v in os.environ.items() if k not in own}, "PYTHON": str(python), "PARSE_LOG": str(log),
            "WORK": str(tmp_path / "work"), "CIFAR_DIR": str(tmp_path / "cifar"), **env}
-    r = subprocess.run(["bash", script, str(tmp_path / "out"), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
-    bad = [r for r in records if "error" in r]
-    assert not bad, f"docs/{name}: commands its scripts refuse: {bad}"
-    return [(r["script"], r["argv"]) for r in records]
+    run = subprocess.run(["bash", script, str(tmp_path / "out"), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    refused = [rec for rec in records if "error" in rec]
+    assert not refused, f"docs/{name}: commands its scripts refuse: {refused}"
+    return [(rec["script"], rec["argv"]) for rec in records]
 
 
 def flag(argv, name):
