@@ -59,11 +59,13 @@ def dopri5(fn, x, steps=None, atol=1e-6, rtol=1e-3):
         from torchdiffeq import odeint          # optional, like torch-fidelity: pip install torchdiffeq
     except ImportError:
         raise UserError("--solver dopri5 needs torchdiffeq: pip install torchdiffeq") from None
+    # The solver's times in float64 (its own default, which "dtype" below overrides), except on
+    # MPS, which has no float64
     span = torch.tensor([0.0, 1.0], dtype=torch.float32 if x.device.type == "mps" else torch.float64,
-                        device=x.device)          # MPS has no float64
+                        device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         return odeint(lambda t, x: fn(x, t.item()), x, span, method="dopri5", atol=atol, rtol=rtol,
-                      options={"step_t": span[1:], "dtype": span.dtype})[-1]   # its times: float64 by default
+                      options={"step_t": span[1:], "dtype": span.dtype})[-1]
 
 
 ODE_SOLVERS = {"euler": euler, "heun": heun, "dopri5": dopri5}
