@@ -8,7 +8,8 @@
 #    fid.py --train-classifier trains the small classifier of the FD-classifier;
 # 2. scores both runs with ab.py --compare: the EMA model's loss on a fixed batch, the logged
 #    dispersion diagnostics, and the FD-classifier of 10K EMA samples (50 Euler steps) against
-#    the 50K training images; then, only if time is left, a linear probe (ab.py --probe);
+#    the 50K training images; beside it, at the same time, a linear probe (ab.py --probe): its
+#    L-BFGS fits are small and bound by Python and launches, the sampling by the GPU;
 # 3. writes to OUT_DIR (at most 8 files, no checkpoints): ab.md (the table, with steps, images
 #    seen and epochs), ab.json, probe.md (if the probe ran), grid_{baseline,dispersive}.png (the
 #    last grid of each run), metrics_{baseline,dispersive}.jsonl and log.txt; prints ab.md last.
@@ -21,20 +22,21 @@
 # SIGTERM) and is scored there; if the scoring runs out of time, the metrics, grids and log are
 # in OUT_DIR already.
 #
-# Step budget (one NVIDIA H200, torch 2.11, measured 2026-11-26; docs/speed.md): 540 s in all.
+# Step budget: 540 s in all. Measured on one NVIDIA H200 (torch 2.11) on 2026-11-27, in this
+# script's first run (README, "CIFAR-10 on one H200"): the unzip 8 s; both trainings ran 300 s
+# from launch to their last checkpoint, of which about 72 s were start-up (imports, decoding the
+# 50K JPEGs, each process compiling its graph, the two at once) and 228 s were 2800 steps at
+# 12.3 steps/s, 3137 images/s per process: the two together had 93% of what one process alone
+# gets (bench.py, the same card: 6713); the classifier was done at 54 s; the scoring took 123 s.
+# The probe, run after the scoring then, was cut at its 80 s limit: it now runs beside the scoring.
 #   MARGIN = 15 s at the end (copying, the summary); the unzip, ~15 s;
-#   SCORE_S = 150 s for the scoring: 2 x 10K samples x 50 Euler steps, eager in ab.py, ~195 img/s
-#     = 2 x 51 s, + decoding the 50K JPEGs again (~10 s), 50K reference features, imports, loads;
+#   SCORE_S = 150 s for the scoring (123 measured; the probe beside it);
 #   GRACE = 10 s: a training cut by `timeout` finishes its step and saves a checkpoint;
-#   the training gets the rest, 350 s, of which STARTUP_S = 110 s are start-up: imports, decoding
-#     the 50K JPEGs (~10 s), torch.compile of one graph per process (41 s alone), two processes
-#     compiling at once (the log steps compiled a second graph until train.blocks_to_return; the
-#     ~40 s that saves are left as margin for the unmeasured sharing of the GPU by two processes);
-#   the rest less SPARE = 15 s, STEP_S = 225 s, runs steps: compiled 6771 img/s on the GPU alone,
-#     shared by two processes ~3385 img/s each, the dispersive arm 2.9% slower: IMG_S = 3290 img/s
-#     per process -> 225 s x 3290 / 256 = 2891 steps -> STEPS = 2800 (rounded down to 100):
-#     717K images, 14.3 epochs of the 50K, per arm. Rather a few steps fewer than a cut: a run
-#     stopped by the time limit has no final grid, and the two arms would stop at different steps.
+#   the training gets the rest, 350 s, of which STARTUP_S = 100 s are start-up (72 measured);
+#   the rest less SPARE = 15 s, STEP_S = 235 s, runs steps at IMG_S = 3137 images/s per process
+#     -> 235 s x 3137 / 256 = 2879 steps -> STEPS = 2800 (rounded down to 100): 717K images,
+#     14.3 epochs of the 50K, per arm. Rather a few steps fewer than a cut: a run stopped by the
+#     time limit has no final grid, and the two arms would stop at different steps.
 # Schedule for ~3000 steps (the same for both arms): lr 1e-4 constant, as the paper, but
 # --warmup-steps 0 (the paper states a constant lr 1e-4, as DiT and SiT train; train.py's default 1000 would spend a third
 # of this run below the full rate; --grad-clip stays at train.py's 1.0, which guards the
@@ -57,10 +59,10 @@ BUDGET=${BUDGET:-540}           # seconds for the whole script
 MARGIN=${MARGIN:-15}            # kept back at the end: copying, the summary
 SCORE_S=${SCORE_S:-150}         # kept back for the scoring (ab.py) after the training
 GRACE=${GRACE:-10}              # for a training cut by the time limit to save its checkpoint
-STARTUP_S=${STARTUP_S:-110}     # training start-up: imports, JPEG decoding, compiling, with margin
-IMG_S=${IMG_S:-3290}            # images/s of one of the two training processes
+STARTUP_S=${STARTUP_S:-100}     # training start-up: imports, JPEG decoding, compiling (72 s measured)
+IMG_S=${IMG_S:-3137}            # images/s of one of the two training processes (measured)
 BATCH=${BATCH:-256}
-STEP_S=$(( BUDGET - MARGIN - 15 - SCORE_S - GRACE - STARTUP_S - 15 ))   # 225 s of steps (15: unzip, spare)
+STEP_S=$(( BUDGET - MARGIN - 15 - SCORE_S - GRACE - STARTUP_S - 15 ))   # 235 s of steps (15: unzip, spare)
 STEPS=${STEPS:-$(( STEP_S * IMG_S / BATCH / 100 * 100 ))}                  # 2800
 MODEL=${MODEL:-DiT-S/2}
 SEED=${SEED:-0}
@@ -76,8 +78,7 @@ EVAL_DEVICE=${EVAL_DEVICE:-$DEVICE}
 CLF=${CLF:-}                    # an FD-classifier .pt to use instead of training one
 CLF_EPOCHS=${CLF_EPOCHS:-$(( on_gpu ? 10 : 1 ))}   # fid.py --classifier-epochs (0: one step, a smoke test)
 CLF_DEVICE=${CLF_DEVICE:-$DEVICE}
-PROBE=${PROBE:-1}               # the linear probe, only if PROBE_MIN_S are left after the scoring
-PROBE_MIN_S=${PROBE_MIN_S:-90}
+PROBE=${PROBE:-1}               # the linear probe, beside the scoring (0: none)
 PROBE_T=${PROBE_T:-0.9}
 PROBE_TRAIN=${PROBE_TRAIN:-5000}   # images the probe is fitted on, and scored on (ab.py's defaults)
 PROBE_TEST=${PROBE_TEST:-2000}
@@ -176,7 +177,7 @@ for arm in baseline dispersive; do
 done
 write_log
 
-# --- 3. the scores: ab.py --compare (FD-classifier of EVAL_SAMPLES EMA samples) ---------------
+# --- 3. the scores (FD-classifier of EVAL_SAMPLES EMA samples), and the probe beside them ------
 eval_flags=()
 if [ "$EVAL_SAMPLES" -gt 0 ] && [ -s "$clf" ]; then
     eval_flags=(--eval-samples "$EVAL_SAMPLES" --extractor "$clf")
@@ -185,29 +186,29 @@ elif [ "$EVAL_SAMPLES" -gt 0 ]; then
 fi
 if [ ${#runs[@]} -gt 0 ]; then
     limit=$(atleast $(( $(left) - 10 )) 10)
-    say "scoring ${#runs[@]} run(s), at most $limit s"
+    beside=""; [ "$PROBE" = 1 ] && beside=", and the probe (t = $PROBE_T) beside it"
+    say "scoring ${#runs[@]} run(s)$beside, at most $limit s"
     timeout -k 10 "$limit" $py ab.py --compare "${runs[@]}" --root "$WORK/ab" --eval-device "$EVAL_DEVICE" \
-        ${eval_flags[@]+"${eval_flags[@]}"} < /dev/null > "$WORK/score.log" 2>&1
-    say "scoring: exit status $?"
-    cp "$WORK/ab/ab.json" "$out/ab.json" 2>/dev/null
-    # --- 4. the linear probe, with what time is left -------------------------------------------
-    if [ "$PROBE" = 1 ] && [ "$(left)" -ge "$PROBE_MIN_S" ]; then
-        limit=$(atleast $(( $(left) - 10 )) 10)
-        say "probe (t = $PROBE_T), at most $limit s"
+        ${eval_flags[@]+"${eval_flags[@]}"} < /dev/null > "$WORK/score.log" 2>&1 &
+    score_pid=$!
+    if [ "$PROBE" = 1 ]; then   # the two write to different roots; the probe's JSON lies beside each checkpoint
         timeout -k 10 "$limit" $py ab.py --compare "${runs[@]}" --root "$WORK/probe" --probe --probe-t "$PROBE_T" \
             --probe-train-samples "$PROBE_TRAIN" --probe-test-samples "$PROBE_TEST" --eval-device "$EVAL_DEVICE" \
-            < /dev/null > "$WORK/probe.log" 2>&1
-        say "probe: exit status $?"
+            < /dev/null > "$WORK/probe.log" 2>&1 &
+        probe_pid=$!
+    fi
+    wait "$score_pid"; say "scoring: exit status $?"
+    cp "$WORK/ab/ab.json" "$out/ab.json" 2>/dev/null
+    if [ "$PROBE" = 1 ]; then
+        wait "$probe_pid"; say "probe: exit status $? (124: cut by the time limit)"
         cp "$WORK/probe/ab.md" "$out/probe.md" 2>/dev/null
-    elif [ "$PROBE" = 1 ]; then
-        say "no probe: $(left) s left, it wants $PROBE_MIN_S"
     fi
 else
     say "no run has a checkpoint: nothing to score"
 fi
 write_log
 
-# --- 5. ab.md: what each arm trained (steps, images seen, epochs), then ab.py's table ----------
+# --- 4. ab.md: what each arm trained (steps, images seen, epochs), then ab.py's table ----------
 $py - "$WORK" "$n_images" "$EVAL_SAMPLES" "$clf" > "$out/ab.md" <<'EOF'
 import os, sys
 from plots import read_log      # the project's reader of metrics.jsonl (it skips a torn last line)
