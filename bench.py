@@ -118,12 +118,13 @@ def kernel_kind(name):
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
-def profile(fn, sec_per_step, steps, device, top=15):
+def profile(fn, sec_per_step, steps, device, top=15, what="step", show=True):
     """Where the device time of `steps` calls of fn goes: the top kernels, their kinds (matrix
     products and attention are compute bound; the fused elementwise kernels move bytes), and
     how much of the step time measured without the profiler the GPU was busy at all (near 100%:
     the kernels bound the step; far below: launches and the host do). Copies and memsets count
-    as kernels here: they occupy the GPU too."""
+    as kernels here: they occupy the GPU too. Returns the (kernel name, microseconds) pairs; on
+    a CPU, where there are no kernels, the operators' own CPU times (and prints their table)."""
     from torch.profiler import ProfilerActivity
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -132,15 +133,37 @@ def profile(fn, sec_per_step, steps, device, top=15):
             fn(100_000 + i)
         sync(device)
     if device.type != "cuda":
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
-        return
+        if show:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+        return [(e.name, e.self_cpu_time_total) for e in prof.events()]
     kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
-    print_kernels(kernels, steps, sec_per_step, top)
+    if show:
+        print_kernels(kernels, steps, sec_per_step, top, what)
+    return kernels
 
 
-def print_kernels(kernels, steps, sec_per_step, top=15):
-    """The profile's tables from (kernel name, microseconds) pairs of `steps` steps."""
+def print_added(without, with_term, steps, sec_added, top=10):
+    """What the dispersive term adds to a training step: the time per step of each kernel name
+    with the term minus without it (two profiles of `steps` steps), the largest first, next to
+    the difference that the timing without the profiler measured."""
+    calls, us = (Counter(), Counter()), (Counter(), Counter())
+    for i, kernels in enumerate((without, with_term)):
+        for name, t in kernels:
+            calls[i][name] += 1
+            us[i][name] += t
+    added = Counter({name: us[1][name] - us[0][name] for name in us[0].keys() | us[1].keys()})
+    ms = lambda t: t / 1000 / steps
+    print(f"\nwhat the dispersive term adds per step: {ms(sum(added.values())):.2f} ms of device time in the profiles "
+          f"(the timing: {1000 * sec_added:+.2f} ms), {(len(with_term) - len(without)) / steps:+.0f} kernels")
+    table(["kernels with more time", "calls / step without, with", "ms / step added"],
+          [[name[:90].replace("|", "/"), f"{calls[0][name] / steps:g}, {calls[1][name] / steps:g}", f"{ms(t):+.3f}"]
+           for name, t in added.most_common(top) if t > 0])
+
+
+def print_kernels(kernels, steps, sec_per_step, top=15, what="step"):
+    """The profile's tables from (kernel name, microseconds) pairs of `steps` steps (or sampling
+    batches: what)."""
     calls, by_name, by_kind = Counter(), Counter(), Counter()     # microseconds summed per name and kind
     for name, us in kernels:
         calls[name] += 1
@@ -148,8 +171,9 @@ def print_kernels(kernels, steps, sec_per_step, top=15):
         by_kind[kernel_kind(name)] += us
     ms = lambda us: us / 1000 / steps                                # per step
     busy = ms(sum(by_kind.values()))
-    print(f"\nprofile of {steps} steps: {len(kernels) / steps:.0f} kernels (and copies) per step; GPU busy {busy:.2f} ms "
-          f"of the {1000 * sec_per_step:.2f} ms measured per step ({100 * busy / (1000 * sec_per_step):.0f}%)")
+    print(f"\nprofile of {steps} {what}s: {len(kernels) / steps:.0f} kernels (and copies) per {what}; GPU busy "
+          f"{busy:.2f} ms of the {1000 * sec_per_step:.2f} ms measured per {what} "
+          f"({100 * busy / (1000 * sec_per_step):.0f}%)")
     table(["kernel kind", "ms / step", "share of busy"],
           [[k, f"{ms(v):.2f}", f"{100 * ms(v) / busy:.0f}%"] for k, v in by_kind.most_common()])
     table(["top kernels", "calls / step", "ms / step", "share of busy"],
@@ -225,7 +249,8 @@ def get_args(argv=None):
     a("--sample-batches", type=number(int, min=0), default=2, help="timed sampling batches (0: do not time sampling)")
     a("--profile", type=number(int, min=0), default=0, help="profile this many training steps (dispersive "
       "weight on; the compile mode if timed, as train.py --compile runs it, else eager) and print where the "
-      "device time goes (0: do not)")
+      "device time goes, then what the dispersive term adds (the same steps at weight 0, profiled too), and "
+      "one sampling batch if sampling is timed (0: do not)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--peak-tflops", type=number(float, above=0), default=None,
       help="the device's peak dense FLOP/s in TFLOP/s for MFU (default: known GPUs; MFU is n/a otherwise)")
@@ -271,6 +296,8 @@ def main(argv=None):
           f"batch {args.sample_batch}, no guidance")
     # Each row is printed as soon as it is measured: a run stopped by a time limit keeps its rows.
     modes = ["eager"] + ["compile"] * args.compile + ["compile-loss"] * args.compile_loss
+    profiled = "compile" if args.compile else "eager"     # the mode train.py runs
+    modes.sort(key=lambda m: m == profiled)               # last, so that its profile follows the whole table
     table(["training", "disp weight", "ms / step", "images/s", "TFLOP/s", "MFU", "dispersive overhead",
            "warmup s", "peak mem GB (both)"])
     for mode in modes:
@@ -284,8 +311,10 @@ def main(argv=None):
             over = f"{100 * (sec - secs[0]) / secs[0]:+.1f}%" if w else "-"
             row([mode, f"{w:g}", f"{1000 * sec:.1f}", f"{args.batch_size / sec:.0f}",
                  f"{flops / 1e12:.3g}", fmt_mfu(flops), over, f"{warm:.0f}", peak_mem])
-        if args.profile and mode == ("compile" if args.compile else "eager"):
-            profile(steps[-1], secs[-1], args.profile, device)
+        if args.profile and mode == profiled:
+            with_term = profile(steps[-1], secs[-1], args.profile, device)
+            without = profile(steps[0], secs[0], args.profile, device, show=False)
+            print_added(without, with_term, args.profile, secs[-1] - secs[0])
         del steps, objectives
     sample_modes = [m for m in modes if m != "compile-loss"] if args.sample_batches else []
     if sample_modes:
@@ -297,6 +326,8 @@ def main(argv=None):
         ips = args.sample_batch / sec
         flops = 2 * macs * args.sample_steps * ips
         row([mode, f"{ips:.0f}", f"{50_000 / ips:.0f}", f"{flops / 1e12:.3g}", fmt_mfu(flops), f"{warm:.0f}", mem()])
+        if args.profile and mode == profiled:
+            profile(sample, sec, 1, device, what="sampling batch")
         del sample
 
 

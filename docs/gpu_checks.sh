@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU speed measurements docs/speed.md asks for, for a session that has a GPU for a few
 # minutes:
-#     bash docs/gpu_checks.sh OUT_DIR [CIFAR_ZIP]                    # s2 b2 train: about 6 minutes
+#     bash docs/gpu_checks.sh OUT_DIR [CIFAR_ZIP]                    # s2 b2 train: about 7 minutes
 #     CHECKS=b2_autotune bash docs/gpu_checks.sh OUT_DIR             # one check, in a call of its own
 # Writes one text file per check into OUT_DIR and prints their tables. The checks (CHECKS, a
 # space-separated list; each runs under its own time limit, in seconds):
-#   s2 (200)          bench.py, DiT-S/2: training eager and compiled, sampling, a profile of 5 steps
+#   s2 (240)          bench.py, DiT-S/2: training eager and compiled, sampling; profiles of 3 training
+#                     steps (and what the dispersive term adds to them) and of a sampling batch
 #   b2 (130)          bench.py, DiT-B/2: training, a profile of 3 steps
 #   train (90)        train.py itself, DiT-S/2 on CIFAR-10 for 300 steps (its JPEG copy, unzipped
 #                     from CIFAR_ZIP into CIFAR_DIR unless it is there already; skipped without it)
@@ -35,13 +36,13 @@ check() {   # check NAME SECONDS COMMAND...: run it with a time limit, keep its 
     local t0=$SECONDS
     timeout "$limit" "$@" > "$out/$name.txt" 2>&1
     echo "exit status $? after $((SECONDS - t0)) s" >> "$out/$name.txt"
-    grep -E '^(\||device|DiT|profile|exit|step|Traceback|[A-Za-z]*Error)' "$out/$name.txt"
+    grep -E '^(\||device|DiT|profile|what|exit|step|Traceback|[A-Za-z]*Error)' "$out/$name.txt"
 }
 # The targets: S/2 >= 40% MFU, B/2 >= 50%, dispersive overhead <= 1%, 50K S/2 samples (50 Euler steps) <= 90 s
 for c in $CHECKS; do
     case $c in
-    s2) check s2 200 $py bench.py --model DiT-S/2 --compile --warmup 3 --sample-batch 1024 --sample-batches 2 \
-            --profile 5 ;;
+    s2) check s2 240 $py bench.py --model DiT-S/2 --compile --warmup 3 --sample-batch 1024 --sample-batches 2 \
+            --profile 3 ;;
     b2) check b2 130 $py bench.py --model DiT-B/2 --compile --warmup 3 --sample-batches 0 --profile 3 ;;
     train)
         if [ -z "$zip" ] && [ ! -d "$cifar/train" ]; then echo "== train: skipped (no CIFAR_ZIP)"; continue; fi

@@ -97,6 +97,20 @@ def test_profile_tables_add_up(capsys):
     assert "| triton_poi_fused_gelu_0 | 2 | 0.400 | 40.0% |" in out      # calls per step, summed over calls
 
 
+def test_profile_of_what_the_dispersive_term_adds(capsys):
+    """Two profiled steps without the term and with it: the time added per step, per kernel name
+    and in all, the kernels it adds, and the largest addition first."""
+    import bench
+    without = [("nvjet_gemm", 600.0), ("triton_poi_fused_gelu_0", 300.0)]
+    with_term = without + [("gram_bmm", 50.0), ("gram_bmm", 30.0), ("logsumexp", 20.0)]
+    with_term[0] = ("nvjet_gemm", 610.0)                 # a kernel that exists in both and took longer
+    bench.print_added(without * 2, with_term * 2, steps=2, sec_added=0.0001)
+    out = capsys.readouterr().out
+    assert "adds per step: 0.11 ms of device time in the profiles (the timing: +0.10 ms), +3 kernels" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| gram_bmm | 0, 2 | +0.080 |", "| logsumexp | 0, 1 | +0.020 |", "| nvjet_gemm | 1, 1 | +0.010 |"]
+
+
 @pytest.mark.slow
 def test_bench_runs_on_cpu_and_prints_its_table():
     r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8",
@@ -104,7 +118,9 @@ def test_bench_runs_on_cpu_and_prints_its_table():
                    "--peak-tflops", "1", "--disp-group-size", "4", "--profile", "1")
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "Self CPU time total" in out     # the profile (on a CPU: torch.profiler's table of operators)
+    # the profiles (on a CPU: torch.profiler's tables of operators): a training step, then a sampling batch
+    assert out.count("Self CPU time total") == 2
+    assert "what the dispersive term adds per step" in out and "| kernels with more time |" in out
     assert "device: cpu" in out and f"torch {torch.__version__}" in out and "DiT-Mi/4" in out
     assert "| training | disp weight |" in out and "| sampling | images/s |" in out
     rows = [l for l in out.splitlines() if l.startswith("| eager |")]
