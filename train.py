@@ -10,6 +10,7 @@ checkpoints/. The same command plus --resume continues a run exactly where it st
 """
 import argparse
 import copy
+import math
 import os
 import platform
 import sys
@@ -140,8 +141,9 @@ def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip,
         losses = objective(net, x, y, draws, extra_blocks)
     opt.zero_grad(set_to_none=True)
     losses["total"].backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # the gradient's norm before clipping is logged: it shows whether --grad-clip binds (with no
+    # clipping, the gradients are multiplied by exactly 1)
+    losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     opt.step()
     with torch.no_grad():   # ema = decay * ema + (1 - decay) * w, all tensors in one kernel
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - ema_decay)
@@ -167,7 +169,7 @@ def log_values(losses, reg):
     diag = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
                                            for b in reg.blocks]).mean()
     stats = {b: block_stats(blocks[b]) for b in sorted(blocks)}          # (distance, rms) of every block
-    return {"flow": losses["flow"], "disp": losses["disp"], "total": losses["total"],
+    return {"flow": losses["flow"], "disp": losses["disp"], "total": losses["total"], "grad_norm": losses["grad_norm"],
             "disp_diag": diag(reg.group_size), "disp_diag_batch": diag(0),
             "mean_sq_dist": torch.stack([stats[b][0] for b in reg.blocks]).mean(),
             "block_dist": torch.stack([s[0] for s in stats.values()]),

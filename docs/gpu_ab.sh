@@ -69,6 +69,8 @@ SEED=${SEED:-0}
 DISP_WEIGHT=${DISP_WEIGHT:-0.5} # the paper's lambda for the dispersive arm
 WARMUP=${WARMUP:-0}
 LOG_EVERY=${LOG_EVERY:-50}
+TRAIN_FLAGS=${TRAIN_FLAGS:-}    # more train.py flags for both arms, e.g. the paper's optimiser:
+                                # TRAIN_FLAGS="--adam-beta2 0.95 --grad-clip 0" (train.py's defaults: 0.999, 1.0)
 SAMPLE_EVERY=${SAMPLE_EVERY:-$STEPS}   # a grid at the end
 DEVICE=${DEVICE:-cuda}
 on_gpu=0; case $DEVICE in cuda*) on_gpu=1 ;; esac
@@ -110,6 +112,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
   $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   echo "MODEL=$MODEL STEPS=$STEPS BATCH=$BATCH SEED=$SEED DISP_WEIGHT=$DISP_WEIGHT WARMUP=$WARMUP DEVICE=$DEVICE" \
+       "TRAIN_FLAGS=$TRAIN_FLAGS" \
        "COMPILE=$COMPILE EVAL_SAMPLES=$EVAL_SAMPLES CLF_EPOCHS=$CLF_EPOCHS BUDGET=$BUDGET"
 } > "$WORK/env.log" 2>&1
 tail -2 "$WORK/env.log"
@@ -136,7 +139,7 @@ for arm in baseline dispersive; do
     timeout -k 15 "$train_limit" $py train.py --data folder --data-path "$CIFAR/train" --model "$MODEL" \
         --batch-size "$BATCH" --steps "$STEPS" --warmup-steps "$WARMUP" --seed "$SEED" --disp-weight "$w" \
         --log-every "$LOG_EVERY" --sample-every "$SAMPLE_EVERY" --ckpt-every "$STEPS" --keep-ckpts 1 \
-        --device "$DEVICE" ${compile_flag[@]+"${compile_flag[@]}"} --out "$WORK/$arm" \
+        --device "$DEVICE" ${compile_flag[@]+"${compile_flag[@]}"} $TRAIN_FLAGS --out "$WORK/$arm" \
         < /dev/null > "$WORK/$arm.log" 2>&1 &
     pids+=($!)
 done
@@ -231,8 +234,14 @@ for arm in ("baseline", "dispersive"):
           f"{config.get('disp_blocks')}, groups of {a['disp_group_size']}), seed {a['seed']}: {step} of {a['steps']} "
           f"steps{'' if ckpts else ' (no checkpoint)'} x batch {a['batch_size']} = {seen:,} images seen = "
           f"{seen / max(n_images, 1):.2f} epochs of {n_images:,}; lr {a['lr']:g}, warm-up {a['warmup_steps']}, "
-          f"EMA {a['ema_decay']} (ramped), compile {a['compile']}; {sum(ips) / len(ips):.0f} img/s after the "
-          f"first log line; {config.get('device')}")
+          f"AdamW beta2 {a['adam_beta2']:g}, EMA {a['ema_decay']} (ramped), compile {a['compile']}; "
+          f"{sum(ips) / len(ips):.0f} img/s after the first log line; {config.get('device')}")
+    norms = [l["grad_norm"] for l in train if "grad_norm" in l]       # logged before clipping
+    if norms:
+        clip = a["grad_clip"]
+        print(f"  gradient norm before clipping: {norms[0]:.3g} at the first log step, {norms[-1]:.3g} at the last; "
+              + (f"above --grad-clip {clip:g} at {sum(n > clip for n in norms)} of {len(norms)} log steps"
+                 if clip > 0 else "no clipping"))
 if len(set(scored.values())) > 1:
     print(f"\nWARNING: the arms stopped at different steps {scored} (the time limit cut them): not an equal-budget "
           f"comparison.")

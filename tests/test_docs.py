@@ -116,7 +116,7 @@ def flag(argv, name):
 def test_gpu_ab_script_commands_parse(tmp_path):
     (tmp_path / "cifar" / "train" / "cat").mkdir(parents=True)
     (tmp_path / "cifar" / "train" / "cat" / "0001.jpg").touch()     # counted, never read
-    ran = walk_gpu_script("gpu_ab.sh", tmp_path, "unused.zip")
+    ran = walk_gpu_script("gpu_ab.sh", tmp_path, "unused.zip", TRAIN_FLAGS="--adam-beta2 0.95 --grad-clip 0")
     assert sorted(s for s, _ in ran[:3]) == ["fid.py", "train.py", "train.py"]   # at once: in any order
     assert [s for s, _ in ran[3:]] == ["ab.py", "ab.py"]                     # the scores and the probe, at once
     arms = {os.path.basename(flag(a, "--out")): a for s, a in ran if s == "train.py"}
@@ -125,6 +125,7 @@ def test_gpu_ab_script_commands_parse(tmp_path):
     differ = {arms["baseline"][i - 1] for i, (b, d) in enumerate(zip(*arms.values())) if b != d}
     assert differ == {"--disp-weight", "--out"}          # the same seed, steps and every other flag
     assert all("--compile" in a and flag(a, "--steps") == "2800" for a in arms.values())
+    assert all(flag(a, "--adam-beta2") == "0.95" and flag(a, "--grad-clip") == "0" for a in arms.values())
     assert sorted("--probe" in a for s, a in ran if s == "ab.py") == [False, True]
     summary = (tmp_path / "out" / "ab.md").read_text()    # written by the script's own python (not parsed)
     assert "no training log" in summary and "FD-classifier-10000" in summary

@@ -264,18 +264,21 @@ def test_lr_warmup_is_logged_and_is_the_lr_adamw_stepped_with(image_folder, tmp_
 def test_grad_clip_bounds_the_gradient_adamw_saw(image_folder, tmp_path):
     """Adam's step barely depends on the gradient's scale (the first is about lr * sign(g)), so the
     weights cannot show clipping; AdamW's first moment can: exp_avg_1 = (1 - beta1) g_1 and
-    exp_avg_2 - beta1 exp_avg_1 = (1 - beta1) g_2, with g the gradient after clipping."""
+    exp_avg_2 - beta1 exp_avg_1 = (1 - beta1) g_2, with g the gradient after clipping. The log's
+    grad_norm is the norm before clipping."""
     clip = 1e-3
 
     def grads(c):
         out = tmp_path / f"clip{c}"
         train.main(moving_args(image_folder, out, "--steps", "2", "--grad-clip", str(c), "--ckpt-every", "1",
-                               "--keep-ckpts", "0"))
+                               "--keep-ckpts", "0", "--log-every", "1"))
         m1, m2 = (torch.cat([st["exp_avg"].flatten() for st in ckpt(out, s)["opt"]["state"].values()]) for s in (1, 2))
-        return m1 / 0.1, (m2 - 0.9 * m1) / 0.1
+        return m1 / 0.1, (m2 - 0.9 * m1) / 0.1, [r["grad_norm"] for r in train_log(out)]
 
-    raw1, raw2 = grads(0)
-    clipped1, clipped2 = grads(clip)
+    raw1, raw2, raw_logged = grads(0)
+    clipped1, clipped2, clipped_logged = grads(clip)
+    assert raw_logged == pytest.approx([raw1.norm().item(), raw2.norm().item()], rel=1e-4)
+    assert clipped_logged[0] == pytest.approx(raw1.norm().item(), rel=1e-4)     # step 1: before clipping
     assert raw1.norm() > 10 * clip and raw2.norm() > 10 * clip          # clipping has something to do
     assert clipped1.norm().item() == pytest.approx(clip, rel=1e-3)
     assert clipped2.norm().item() == pytest.approx(clip, rel=1e-3)
