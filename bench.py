@@ -124,7 +124,8 @@ def profile(fn, sec_per_step, steps, device, top=15, what="step", show=True):
     how much of the step time measured without the profiler the GPU was busy at all (near 100%:
     the kernels bound the step; far below: launches and the host do). Copies and memsets count
     as kernels here: they occupy the GPU too. Returns the (kernel name, microseconds) pairs; on
-    a CPU, where there are no kernels, the operators' own CPU times (and prints their table)."""
+    other devices, where no kernels are recorded, the operators' own CPU times (and prints their
+    table)."""
     from torch.profiler import ProfilerActivity
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -155,7 +156,8 @@ def print_added(without, with_term, steps, sec_added, top=10):
     added = Counter({name: us[1][name] - us[0][name] for name in us[0].keys() | us[1].keys()})
     ms = lambda t: t / 1000 / steps
     print(f"\nwhat the dispersive term adds per step: {ms(sum(added.values())):.2f} ms of device time in the profiles "
-          f"(the timing: {1000 * sec_added:+.2f} ms), {(len(with_term) - len(without)) / steps:+.0f} kernels")
+          f"(the timing: {1000 * sec_added:+.2f} ms), {(len(with_term) - len(without)) / steps:+.0f} kernels "
+          f"(operators, off CUDA)")
     table(["kernels with more time", "calls / step without, with", "ms / step added"],
           [[name[:90].replace("|", "/"), f"{calls[0][name] / steps:g}, {calls[1][name] / steps:g}", f"{ms(t):+.3f}"]
            for name, t in added.most_common(top) if t > 0])
@@ -174,9 +176,9 @@ def print_kernels(kernels, steps, sec_per_step, top=15, what="step"):
     print(f"\nprofile of {steps} {what}s: {len(kernels) / steps:.0f} kernels (and copies) per {what}; GPU busy "
           f"{busy:.2f} ms of the {1000 * sec_per_step:.2f} ms measured per {what} "
           f"({100 * busy / (1000 * sec_per_step):.0f}%)")
-    table(["kernel kind", "ms / step", "share of busy"],
+    table(["kernel kind", f"ms / {what}", "share of busy"],
           [[k, f"{ms(v):.2f}", f"{100 * ms(v) / busy:.0f}%"] for k, v in by_kind.most_common()])
-    table(["top kernels", "calls / step", "ms / step", "share of busy"],
+    table(["top kernels", f"calls / {what}", f"ms / {what}", "share of busy"],
           [[name[:90].replace("|", "/"), f"{calls[name] / steps:g}", f"{ms(v):.3f}", f"{100 * ms(v) / busy:.1f}%"]
            for name, v in by_name.most_common(top)])
 

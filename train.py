@@ -10,7 +10,6 @@ checkpoints/. The same command plus --resume continues a run exactly where it st
 """
 import argparse
 import copy
-import math
 import os
 import platform
 import sys
@@ -141,9 +140,13 @@ def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip,
         losses = objective(net, x, y, draws, extra_blocks)
     opt.zero_grad(set_to_none=True)
     losses["total"].backward()
-    # the gradient's norm before clipping is logged: it shows whether --grad-clip binds (with no
-    # clipping, the gradients are multiplied by exactly 1)
-    losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # the gradient's norm before clipping is logged, with or without clipping: it shows whether
+    # --grad-clip binds, or would
+    if grad_clip > 0:
+        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        losses["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     opt.step()
     with torch.no_grad():   # ema = decay * ema + (1 - decay) * w, all tensors in one kernel
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - ema_decay)
