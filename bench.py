@@ -144,32 +144,36 @@ def profile(fn, sec_per_step, steps, device, top=15, what="step", show=True):
     return kernels
 
 
+def tally(kernels):
+    """(calls, microseconds) per kernel name, from (kernel name, microseconds) pairs."""
+    calls, us = Counter(), Counter()
+    for name, t in kernels:
+        calls[name] += 1
+        us[name] += t
+    return calls, us
+
+
 def print_added(without, with_term, steps, sec_added, top=10):
     """What the dispersive term adds to a training step: the time per step of each kernel name
     with the term minus without it (two profiles of `steps` steps), the largest first, next to
     the difference that the timing without the profiler measured."""
-    calls, us = (Counter(), Counter()), (Counter(), Counter())
-    for i, kernels in enumerate((without, with_term)):
-        for name, t in kernels:
-            calls[i][name] += 1
-            us[i][name] += t
-    added = Counter({name: us[1][name] - us[0][name] for name in us[0].keys() | us[1].keys()})
+    (calls0, us0), (calls1, us1) = tally(without), tally(with_term)
+    added = Counter({name: us1[name] - us0[name] for name in us0.keys() | us1.keys()})
     ms = lambda t: t / 1000 / steps
     print(f"\nwhat the dispersive term adds per step: {ms(sum(added.values())):.2f} ms of device time in the profiles "
           f"(the timing: {1000 * sec_added:+.2f} ms), {(len(with_term) - len(without)) / steps:+.0f} kernels "
-          f"(operators, off CUDA)")
+          f"(on a CPU: operators)")
     table(["kernels with more time", "calls / step without, with", "ms / step added"],
-          [[name[:90].replace("|", "/"), f"{calls[0][name] / steps:g}, {calls[1][name] / steps:g}", f"{ms(t):+.3f}"]
+          [[name[:90].replace("|", "/"), f"{calls0[name] / steps:g}, {calls1[name] / steps:g}", f"{ms(t):+.3f}"]
            for name, t in added.most_common(top) if t > 0])
 
 
 def print_kernels(kernels, steps, sec_per_step, top=15, what="step"):
     """The profile's tables from (kernel name, microseconds) pairs of `steps` steps (or sampling
     batches: what)."""
-    calls, by_name, by_kind = Counter(), Counter(), Counter()     # microseconds summed per name and kind
-    for name, us in kernels:
-        calls[name] += 1
-        by_name[name] += us
+    calls, by_name = tally(kernels)
+    by_kind = Counter()                                              # microseconds summed per kind
+    for name, us in by_name.items():
         by_kind[kernel_kind(name)] += us
     ms = lambda us: us / 1000 / steps                                # per step
     busy = ms(sum(by_kind.values()))
