@@ -25,8 +25,8 @@ from model import DiT
 from utils import UserError
 
 VARIANTS = ("infonce_l2", "infonce_cos", "hinge", "covariance")
-USES_TAU = ("infonce_l2", "infonce_cos")         # the forms with a temperature: ab.py and plots.py
-                                                 # name runs by it, so a new one must be listed
+USES_TAU = ("infonce_l2", "infonce_cos")         # the variants whose value depends on tau (ab.py and
+                                                 # plots.py put tau in a run's name only for these)
 
 
 # ----------------------------------------------------------------------------------------
@@ -68,7 +68,9 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
                 matrix of the samples.
 
     group_size G > 0: the loss is computed within consecutive groups of G samples and averaged
-    over the groups, B above being G. The paper computed it per device with no gather, and its
+    over the groups, B above being G. Consecutive groups are random groups: every batch is a
+    slice of a random permutation of the data (data.Batches), as each device's share is. The
+    default here, 0, is one group of the whole batch; training uses groups of 16 (Dispersive). The paper computed it per device with no gather, and its
     runs had 16 samples per device (256 on 16 devices; the released PyTorch code 32): a batch of
     256 dispersed as one group is a different loss (floor -log 256 instead of -log 16). 0: one
     group, the whole batch.
@@ -86,11 +88,12 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
     # Under autocast a matmul would run in bf16 / fp16; the exp of a distance needs fp32.
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.reshape(B // G, G, -1).float()                        # (groups, G, d)
-        if G < 2:  # nothing to disperse; keep z in the graph so callers can backprop
+        if G < 2:  # nothing to disperse: 0 for every variant; z stays in the graph so callers can backprop
             return z.sum() * 0.0
         d = z.shape[-1]
         if variant == "infonce_l2":   # distances per dimension (/ d): tau means the same at any size
             logits = -pairwise_sq_dists(z) / (d * tau)
+            # logsumexp - log G^2: the log of the mean of exp over the G^2 pairs, with no overflow
             per_group = torch.logsumexp(logits.flatten(1), dim=1) - 2.0 * math.log(G)
         elif variant == "infonce_cos":
             zn = F.normalize(z, dim=-1)
@@ -213,8 +216,8 @@ class FlowMatching:
 
     def __call__(self, net, x, y, draws, extra_blocks=()):
         """Loss terms of a batch x (B, C, H, W) with labels y and its slice of draw(). Returns
-        {flow, disp, total, blocks}: blocks holds the outputs of the regularised blocks and of
-        extra_blocks (train.py asks for all of them at log steps, for its diagnostics, and under
+        {flow, disp, total, blocks}: blocks holds the outputs of the regularised blocks (when the
+        weight is > 0; the baseline asks for none) and of extra_blocks (train.py asks for all of them at log steps, for its diagnostics, and under
         --compile at every step: train.blocks_to_return)."""
         xt, t, y, target = self.inputs(x, y, draws)
         pred, blocks = net(xt, t, y, return_blocks=self.reg.blocks_needed(extra_blocks))

@@ -5,9 +5,9 @@ objective regresses (a velocity for flow matching, loss.py). It can also hand ba
 of chosen transformer blocks: that residual stream is what the dispersive loss regularises.
 
 Reading order: embedders, the block, the final layer, the model, the size registry. The file
-stays comparable with DiT's models.py block by block, with shorter names (DiT's t_embedder,
-y_embedder, adaLN_modulation, final_layer and embedding_table are t_embed, y_embed, adaLN,
-final and table here); extensions (MeanFlow's second time input, meanflow.py) are subclasses
+stays comparable with DiT's models.py block by block, with shorter names (DiT's x_embedder,
+t_embedder, y_embedder, adaLN_modulation, final_layer and embedding_table are patch_embed,
+t_embed, y_embed, adaLN, final and table here); extensions (MeanFlow's second time input, meanflow.py) are subclasses
 elsewhere.
 """
 import math
@@ -57,8 +57,10 @@ class LabelEmbedder(nn.Module):
 
 
 def sincos_pos_embed(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos position embedding, (grid_h * grid_w, dim): half the channels
-    encode the row, half the column."""
+    """Fixed 2-D sin-cos position embedding, (grid_h * grid_w, dim): the first half of the
+    channels encodes the row, the second half the column. (DiT's code, after MAE's, puts the
+    column first: a relabelling of channels that changes nothing in training from scratch, but
+    DiT's released weights would need the two halves swapped.)"""
     assert dim % 4 == 0, "hidden size must be divisible by 4 for the 2-D sin-cos embedding"
 
     def one_axis(d, pos):
@@ -99,6 +101,7 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden, heads, mlp_ratio=4.0):
         super().__init__()
+        # no affine parameters of their own: adaLN supplies each sample's shift and scale
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)

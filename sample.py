@@ -59,8 +59,8 @@ def dopri5(fn, x, steps=None, atol=1e-6, rtol=1e-3):
         from torchdiffeq import odeint          # optional, like torch-fidelity: pip install torchdiffeq
     except ImportError:
         raise UserError("--solver dopri5 needs torchdiffeq: pip install torchdiffeq") from None
-    # The solver's times in float64 (its own default, which "dtype" below overrides), except on
-    # MPS, which has no float64
+    # torchdiffeq's adaptive solvers keep time in float64; we pass that dtype explicitly, and
+    # float32 on MPS, which has no float64
     span = torch.tensor([0.0, 1.0], dtype=torch.float32 if x.device.type == "mps" else torch.float64,
                         device=x.device)
     with torch.autocast(x.device.type, enabled=False):
@@ -112,7 +112,8 @@ def guided(model, y, cfg_scale=1.0, counter=None):
 @torch.no_grad()
 def generate(model, labels, solver, steps, *, cfg_scale=1.0, generator=None, decode=None, counter=None):
     """Images for the given labels (B,), as uint8 (B, C, H, W), from noise drawn with generator.
-    solver: a function of sampler(). A latent model's outputs are turned into images in
+    solver: a function of sampler(). The network runs under bf16 autocast on CUDA (as in
+    training; dopri5 opts out, above). A latent model's outputs are turned into images in
     [-1, 1] by decode (its VAE's decoder)."""
     shape = (labels.shape[0], model.in_channels, model.image_size, model.image_size)
     x = torch.randn(shape, device=labels.device, generator=generator)
@@ -194,7 +195,7 @@ def parse_labels(text, num_classes):
         labels = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--class-labels {text!r}: expected comma-separated integers") from None
-    bad = [k for k in labels if not 0 <= k < max(num_classes, 1)]
+    bad = [k for k in labels if not 0 <= k < num_classes]
     if bad or not labels:
         raise UserError(f"--class-labels {text!r}: labels must lie in [0, {num_classes - 1}]")
     return torch.tensor(labels)
@@ -249,7 +250,8 @@ def main(argv=None):
                            cfg_scale=args.cfg_scale, decode=decode, counter=counter)
     batches = math.ceil(n / args.batch_size)
     print(f"{args.solver}: {counter['nfe'] / batches:.0f} network evaluations per batch"
-          + (" (each of 2 halves with guidance)" if args.cfg_scale != 1 and K else ""))
+          + (" (with guidance, each runs the conditional and the null half as one batch of twice the size)"
+             if args.cfg_scale != 1 and K else ""))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.out.endswith(".npz"):

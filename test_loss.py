@@ -281,6 +281,7 @@ def test_baseline_computes_no_dispersive_term(monkeypatch):
     import loss
     calls = []
     real = loss.dispersive_loss
+    # record each call, then run the real function
     monkeypatch.setattr(loss, "dispersive_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = perturbed_dit()
     x, y, noise = torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), draws(torch.randn(4, 1, 8, 8), torch.rand(4))

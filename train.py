@@ -128,11 +128,15 @@ def build(args, data, device, world=1):
     if reg.group_size and local % reg.group_size:     # the baseline too: it logs the term, in the same groups
         raise UserError(f"--disp-group-size {reg.group_size} does not divide the batch of {local} per process; "
                         f"choose a divisor of it, or 0 for the whole batch")
+    if reg.weight > 0 and (reg.group_size or local) == 1:
+        print("warning: the dispersive loss of 1 sample is constant (0) and does nothing", file=sys.stderr)
     return model, ema, opt, objective
 
 
 def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip, extra_blocks=()):
-    """One optimisation step on batch = (x, y, draws), as Batches gives it; returns the loss terms."""
+    """One optimisation step on batch = (x, y, draws), as Batches gives it; returns the loss terms.
+    net runs the forward pass (the model itself, or its DDP / torch.compile wrapper); model is the
+    bare module, whose weights are clipped, stepped and averaged into ema."""
     x, y, draws = batch
     for group in opt.param_groups:
         group["lr"] = lr
@@ -168,7 +172,8 @@ def log_values(losses, reg):
     per-GPU batch; and for every block the mean squared distance / d and rms of its outputs."""
     blocks = {b: h.detach() for b, h in losses["blocks"].items()}     # diagnostics: no autograd graph
     # dispersive_loss itself, not reg(...): the logged measure stays the same in every arm even
-    # when a fork changes what Dispersive.__call__ disperses
+    # when a fork changes what Dispersive.__call__ disperses (in the dispersive arm, as it is,
+    # disp_diag equals disp; the baseline's disp is 0, its disp_diag what the term would be)
     diag = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
                                            for b in reg.blocks]).mean()
     stats = {b: block_stats(blocks[b]) for b in sorted(blocks)}          # (distance, rms) of every block
@@ -195,9 +200,7 @@ def main(argv=None):
         barrier()
     model, ema, opt, objective = build(args, data, device, world)
     # views: forward passes per image (1; 2 for contrastive.py's two noised copies of each image)
-    reg, views, local = objective.reg, objective.views, args.batch_size // world
-    if reg.weight > 0 and (reg.group_size or local) == 1 and main_proc:
-        print("warning: the dispersive loss of 1 sample is constant (0) and does nothing", file=sys.stderr)
+    reg, views = objective.reg, objective.views
     model_config = {"name": args.model, "image_size": data.shape[1], "in_channels": data.shape[0],
                     "num_classes": model.num_classes, "objective": args.objective}
     start = rundir.restore(ckpt, resume_path, model, ema, opt, model_config, args, main_proc) if ckpt else 0
