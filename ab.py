@@ -274,7 +274,8 @@ def table(rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def get_args(argv=None):
+    """ab.py's flags, train.py's flags (those after "--"), and the arms, all checked."""
     # allow_abbrev off: train.py flags after "--" must never be taken for a prefix of ours
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 allow_abbrev=False)
@@ -333,18 +334,22 @@ def main(argv=None):
     if objective != "flow" and "contrastive" in arms:
         raise UserError(f"--arms {args.arms}: the contrastive arm is flow matching's paired comparison, "
                         f"not one of --objective {objective}")
+    if not args.compare and args.steps is None:
+        raise UserError("give --steps (the training budget), or --compare RUN_DIR ...")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    return args, train_args, arms
 
+
+def main(argv=None):
+    args, train_args, arms = get_args(argv)
     if args.compare:
         run_dirs = args.compare
     else:
-        if args.steps is None:
-            raise UserError("give --steps (the training budget), or --compare RUN_DIR ...")
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
         runs = {}                   # run directory: train.py flags but --out and --resume
-        for seed in seeds:
+        for seed in args.seeds:
             for arm in arms:
                 for settings in ([[]] if arm == "baseline" else sweep(args)):
                     argv = [*train_args, *settings, *ARMS[arm], "--steps", str(args.steps), "--seed", str(seed)]

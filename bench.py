@@ -261,6 +261,9 @@ def get_args(argv=None):
     a("--peak-tflops", type=number(float, above=0), default=None,
       help="the device's peak dense FLOP/s in TFLOP/s for MFU (default: known GPUs; MFU is n/a otherwise)")
     args = p.parse_args(argv)
+    patch = MODELS[args.model][3]
+    if args.image_size % patch:
+        raise UserError(f"--image-size {args.image_size} is not divisible by {args.model}'s patch size {patch}")
     args.sample_steps = args.sample_steps or OBJECTIVES[args.objective].sample_steps
     args.sample_batch = args.sample_batch or args.batch_size
     return args
@@ -270,8 +273,6 @@ def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
     depth, hidden, heads, patch = MODELS[args.model]
-    if args.image_size % patch:
-        raise UserError(f"--image-size {args.image_size} is not divisible by {args.model}'s patch size {patch}")
     torch.backends.cuda.matmul.allow_tf32 = True      # as train.py
     torch.backends.cudnn.allow_tf32 = True
     macs = forward_macs(depth, hidden, patch, args.image_size, args.channels)

@@ -14,7 +14,7 @@
 #    seen and epochs), ab.json, probe.md (if the probe ran), grid_{baseline,dispersive}.png (the
 #    last grid of each run), metrics_{baseline,dispersive}.jsonl and log.txt; prints ab.md last.
 # FD-classifier is NOT FID, and no FID is computed: torch-fidelity's Inception weights
-# (weights-inception-2015-12-05, 92 MB) cannot be downloaded on the device machine (no internet)
+# (weights-inception-2015-12-05, over 90 MB) cannot be downloaded on the device machine (no internet)
 # nor carried there (64 MiB in all), so FID-10K is not possible in this call. FD-classifier
 # compares these two runs with each other only.
 # Every phase runs under `timeout`, against one deadline (BUDGET seconds after the start): a

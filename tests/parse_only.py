@@ -24,30 +24,24 @@ class Parsed(Exception):
 
 def parse(script, argv):
     """The namespace script's parser makes of argv (ab.py: also its train.py flags after "--",
-    parsed by train.py's parser). argparse's own SystemExit (an error: 2; --help: 0) goes through."""
-    if script == "train.py":
-        import train
-        return train.get_args(argv)         # the parser and the checks that follow it
-    method = "parse_known_args" if script == "ab.py" else "parse_args"   # ab.py leaves train.py's flags over
-    original = getattr(argparse.ArgumentParser, method)
+    parsed by train.py's parser). argparse's own SystemExit (an error: 2; --help: 0) goes through,
+    and so does the UserError of a script's checks of its flags, where it has them (get_args)."""
+    module = importlib.import_module(script[:-3])
+    if hasattr(module, "get_args"):         # train.py, ab.py, bench.py: the parser and the checks after it
+        args = module.get_args(argv)
+        return args[0] if script == "ab.py" else args     # ab.py's: (args, train.py's args, arms)
+    original = argparse.ArgumentParser.parse_args
 
     def stop(self, *args, **kwargs):        # main() stops right after parsing
         raise Parsed(original(self, *args, **kwargs))
-    setattr(argparse.ArgumentParser, method, stop)
+    argparse.ArgumentParser.parse_args = stop
     try:
-        importlib.import_module(script[:-3]).main(argv)
+        module.main(argv)
     except Parsed as p:
-        result = p.args[0]
-    else:
-        raise AssertionError(f"{script}: main() returned without parsing its arguments")
+        return p.args[0]
     finally:
-        setattr(argparse.ArgumentParser, method, original)
-    if script == "ab.py":
-        import train
-        args, rest = result
-        train.get_args([a for a in rest if a != "--"])
-        return args
-    return result
+        argparse.ArgumentParser.parse_args = original
+    raise AssertionError(f"{script}: main() returned without parsing its arguments")
 
 
 def leave_outputs(script, args):

@@ -11,7 +11,7 @@ import ab
 import data
 import plots
 import train
-from conftest import make_image_folder, read_jsonl, tiny_args
+from conftest import make_image_folder, present, read_jsonl, tiny_args
 from rundir import list_checkpoints, load_checkpoint
 from utils import UserError
 
@@ -113,23 +113,24 @@ def test_ab_bad_input(tmp_path):
         ab.main(["--steps", "2", "--arms", "baseline,nope", "--root", str(tmp_path)])
 
 
-def test_ab_trains_another_objectives_two_arms(image_folder, tmp_path):
+@pytest.mark.parametrize("objective", present("diffusion", "meanflow")[:1])   # one, whichever a fork kept
+def test_ab_trains_another_objectives_two_arms(image_folder, tmp_path, objective):
     """train.py's --objective after "--" sets what the baseline and dispersive arms train; the
     contrastive arm, flow matching's paired comparison, is refused with any other objective."""
     root = tmp_path / "ab"
-    targs = ab_train_args(image_folder, "--objective", "diffusion")
+    targs = ab_train_args(image_folder, "--objective", objective)
     rows = ab.main(["--steps", "2", "--seeds", "0", "--root", str(root), "--", *targs])
     assert sorted(r["arm"] for r in rows) == ["baseline", "dispersive"]
     for name, weight in (("baseline_s0", 0), ("dispersive_s0", 0.5)):
         config = read_jsonl(root / name / "metrics.jsonl")[0]
-        assert config["args"]["objective"] == "diffusion" and config["args"]["disp_weight"] == weight
+        assert config["args"]["objective"] == objective and config["args"]["disp_weight"] == weight
     with pytest.raises(UserError, match="the contrastive arm is flow matching's paired comparison"):
         ab.main(["--steps", "2", "--arms", "baseline,contrastive", "--root", str(tmp_path / "c"), "--", *targs])
     with pytest.raises(UserError, match="--objective contrastive is ab.py's contrastive arm"):
         ab.main(["--steps", "2", "--root", str(tmp_path / "c"), "--",
                  *ab_train_args(image_folder, "--objective", "contrastive")])
     # the root of these runs is not reused for flow matching's runs of the same arms and seed
-    with pytest.raises(UserError, match="--objective diffusion, not flow"):
+    with pytest.raises(UserError, match=f"--objective {objective}, not flow"):
         ab.main(["--steps", "2", "--seeds", "0", "--root", str(root), "--", *ab_train_args(image_folder)])
 
 
