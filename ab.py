@@ -51,7 +51,7 @@ from data import load_dataset
 from loss import VARIANTS
 from objectives import OBJECTIVES
 from plots import DEFAULTS, arm_of, arm_order, read_log
-from rundir import changed_flags, list_checkpoints, load_checkpoint
+from rundir import changed_flags, checkpoint_step, list_checkpoints, load_checkpoint
 from sample import load_model, sampler
 from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
 
@@ -340,6 +340,8 @@ def get_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    if not args.compare and not args.seeds:
+        raise UserError("--seeds '': give at least one seed")
     return args, train_args, arms
 
 
@@ -357,6 +359,11 @@ def main(argv=None):
                     out = run_dir(args.root, targs, seed)
                     if out not in runs:          # else a combination that trains the same run as another
                         check_reusable(out, targs)
+                        have = list_checkpoints(out)
+                        if have and checkpoint_step(have[0]) > args.steps:
+                            raise UserError(f"{out} is trained to step {checkpoint_step(have[0])} already, past --steps "
+                                            f"{args.steps}: give --steps {checkpoint_step(have[0])} (or more), or "
+                                            f"another --root")
                         runs[out] = argv
         run_dirs = list(runs)     # every check passed: now train what is not trained yet
         for out, argv in runs.items():

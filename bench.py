@@ -30,6 +30,7 @@ import torch
 
 import train
 from data import Batches, ImageSet
+from loss import parse_blocks
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import generate, sampler
@@ -261,9 +262,13 @@ def get_args(argv=None):
     a("--peak-tflops", type=number(float, above=0), default=None,
       help="the device's peak dense FLOP/s in TFLOP/s for MFU (default: known GPUs; MFU is n/a otherwise)")
     args = p.parse_args(argv)
-    patch = MODELS[args.model][3]
+    depth, patch = MODELS[args.model][0], MODELS[args.model][3]
     if args.image_size % patch:
         raise UserError(f"--image-size {args.image_size} is not divisible by {args.model}'s patch size {patch}")
+    # train.build() checks these too, but only after the table's header is out
+    parse_blocks(None if args.disp_block is None else str(args.disp_block), depth)
+    if args.disp_group_size and args.batch_size % args.disp_group_size:
+        raise UserError(f"--disp-group-size {args.disp_group_size} does not divide --batch-size {args.batch_size}")
     args.sample_steps = args.sample_steps or OBJECTIVES[args.objective].sample_steps
     args.sample_batch = args.sample_batch or args.batch_size
     return args

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from latents import LatentSet
-from utils import UserError
+from utils import UserError, first_line
 
 DATASETS = ("cifar10", "fashion-mnist", "mnist", "folder", "latents")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -85,7 +85,7 @@ def _torchvision_set(cls_name, path, flip):
         for d in (os.path.join(path, cls_name, "raw"), os.path.join(path, cls_name)) + (() if existed else (path,)):
             with contextlib.suppress(OSError):
                 os.rmdir(d)             # only ever removes an empty directory
-        raise UserError(f"could not find or download {cls_name} under --data-path {path!r} ({type(e).__name__}: {e}). "
+        raise UserError(f"could not find or download {cls_name} under --data-path {path!r} ({type(e).__name__}: {first_line(e)}). "
                         f"Point --data-path at a directory that holds it, or use --data folder for an image folder.") from None
     images = torch.as_tensor(np.asarray(ds.data))
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)   # (N, C, H, W)
@@ -93,12 +93,17 @@ def _torchvision_set(cls_name, path, flip):
 
 
 def _read_idx(path):
-    """The IDX format of (Fashion-)MNIST: a 4-byte magic whose last byte is the rank, one
-    big-endian int32 per dimension, then uint8 data."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
+    """The IDX format of (Fashion-)MNIST: a 4-byte magic (0, 0, 8 for uint8 data, the rank),
+    one big-endian int32 per dimension, then the uint8 data."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:        # a truncated or damaged .gz
+        raise UserError(f"cannot read {path!r} ({type(e).__name__}: {e}); download it again") from None
+    ndim = raw[3] if len(raw) >= 4 and raw[:3] == b"\0\0\x08" else 0
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if not ndim or len(raw) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise UserError(f"{path!r} is not a whole IDX file of uint8 data ({len(raw)} bytes); download it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -110,6 +115,9 @@ def _mnist_like(name, path):
         if os.path.isfile(img) and os.path.isfile(lab):
             images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
             labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
+            if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels) or labels.max() > 9:
+                raise UserError(f"{img!r} ({len(images)} images) and {lab!r} ({len(labels)} labels) are not "
+                                f"one set's images and labels")
             classes = [str(i) for i in range(10)]
             return ImageSet(images, labels, 10, classes, flip=(name == "fashion-mnist"))
     ds = _torchvision_set("FashionMNIST" if name == "fashion-mnist" else "MNIST", path, flip=(name == "fashion-mnist"))
@@ -130,8 +138,12 @@ def _image_folder(path, image_size):
                 im.load()
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UserError(f"cannot read image {f!r} ({e}); remove it from --data-path") from None
+        if im.mode.startswith("I;16"):      # 16-bit grey: keep the high byte (convert("L") would clip)
+            im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+        elif im.mode in ("I", "F"):
+            raise UserError(f"{f!r} has 32-bit pixels (mode {im.mode}); convert the set to 8 or 16 bits per channel")
         pics.append(im)
-        modes.add("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+        modes.add("L" if im.mode in ("1", "L") else "RGB")
     mode = "L" if modes == {"L"} else "RGB"
     arrays = []
     for (f, _), im in zip(files, pics):
@@ -159,6 +171,10 @@ def list_image_folder(path):
     if not files:
         raise UserError(f"no images found in --data-path {path!r}: expected one sub-directory per class with image files "
                         f"({', '.join(IMAGE_EXTS)})")
+    empty = [c for ci, c in enumerate(classes) if ci not in {i for _, i in files}]
+    if empty:       # it would still be a class the model is conditioned on, never trained
+        raise UserError(f"--data-path {path!r}: class folder(s) {', '.join(map(repr, empty[:5]))} hold no images "
+                        f"({', '.join(IMAGE_EXTS)}); remove them or add images")
     return files, classes
 
 

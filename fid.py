@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from data import IMAGE_EXTS, load_dataset
 from rundir import resolve_checkpoint
 from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
-from utils import HelpFormatter, UserError, number, output_file, pick_device, run_main
+from utils import HelpFormatter, UserError, first_line, number, output_file, pick_device, run_main
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -102,7 +102,7 @@ def load_extractor(spec=INCEPTION, weights=None, device="cpu", prefix=""):
         try:
             ck = torch.load(spec, map_location="cpu", weights_only=True)
         except Exception as e:   # a truncated or foreign file: torch.load raises many kinds
-            raise UserError(f"{flag}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
+            raise UserError(f"{flag}: cannot read it ({type(e).__name__}: {first_line(e, 150)})") from None
         if not isinstance(ck, dict) or ck.get("kind") != "fd-classifier":
             raise UserError(f"{flag} is not a classifier written by fid.py --train-classifier")
         C = ck.get("in_channels")
@@ -113,7 +113,7 @@ def load_extractor(spec=INCEPTION, weights=None, device="cpu", prefix=""):
             net.load_state_dict(ck["state"])
         except (KeyError, RuntimeError, TypeError) as e:
             raise UserError(f"{flag}: its weights do not fit fid.py's classifier ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:150]})") from None
+                            f"{first_line(e, 150)})") from None
         net = net.to(device).eval()
 
         def fn(x):
@@ -140,7 +140,7 @@ def load_extractor(spec=INCEPTION, weights=None, device="cpu", prefix=""):
     except Exception as e:   # no internet, a wrong file: torch hub raises URLError, torch.load many kinds
         hint = (f"; offline, download {INCEPTION_URL} elsewhere and pass --inception-weights FILE"
                 if weights is None else "")
-        raise UserError(f"could not load the {spec} weights ({type(e).__name__}: {str(e).splitlines()[0][:150]}){hint}") from None
+        raise UserError(f"could not load the {spec} weights ({type(e).__name__}: {first_line(e, 150)}){hint}") from None
     net = net.to(device)
 
     def fn(x):
@@ -250,7 +250,16 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
     if ds.images is None or ds.images.dtype != torch.uint8:
         raise UserError(f"--ref-data {data}: the reference must be images, not latents (use --ref-stats or an image folder)")
     mu, sigma = statistics(features(fn, ds.images, batch_size, device))
-    return mu, sigma, {"data": data, "data_path": os.path.abspath(data_path), "num_images": len(ds)}
+    return mu, sigma, {"data": data, "data_path": os.path.abspath(data_path), "num_images": len(ds),
+                       "image_size": list(ds.images.shape[2:])}
+
+
+def check_size(size, ref):
+    """Samples of another size than the reference images are another data set's: refuse to score
+    them (a stats file does not record the size; nothing to check then)."""
+    if "image_size" in ref and list(size) != ref["image_size"]:
+        raise UserError(f"the samples are {size[0]}x{size[1]} pixels, the reference images ({ref['data']} at "
+                        f"{ref['data_path']}) {ref['image_size'][0]}x{ref['image_size'][1]}: not the same data set")
 
 
 def save_stats(path, mu, sigma, info):
@@ -432,11 +441,14 @@ def main(argv=None):
                                              data_path=args.ref_data_path, batch_size=args.batch_size, device=device)
     if args.save_ref_stats:
         save_stats(args.save_ref_stats, ref_mu, ref_sigma, info)
+    if args.ckpt and decode is None:        # before sampling (a latent model's images are its VAE's size)
+        check_size((model.image_size, model.image_size), ref)
     if args.ckpt:
         images = generate_n(model, args.num_samples or 50_000, solve, steps, cfg_scale=args.cfg_scale, seed=args.seed,
                             batch_size=args.batch_size, device=device, decode=decode)
         generation = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": solver,
                       "steps": steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed}
+    check_size(images.shape[2:], ref)
     mu, sigma = statistics(features(fn, images, args.batch_size, device))
     value = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     result = {"metric": fid_name(info, len(images)), "value": value, "num_samples": len(images),

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import UserError, first_line
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
@@ -31,7 +31,7 @@ def load_vae(name, device="cpu"):
     try:
         vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
     except Exception as e:   # no internet, no such repo, a directory without config.json, corrupt weights ...
-        raise UserError(f"cannot load the VAE {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        raise UserError(f"cannot load the VAE {name!r} ({type(e).__name__}: {first_line(e)}). "
                         f"Without internet, download it where you can ('hf download {DEFAULT_VAE} --local-dir DIR'), "
                         f"copy DIR here and pass --vae DIR") from None
     return vae.to(device).eval().requires_grad_(False)

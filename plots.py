@@ -358,12 +358,13 @@ def main(argv=None):
     output_file(args.out, "--out", FIGURE_TYPES)
     if args.probe_out:
         output_file(args.probe_out, "--probe-out", FIGURE_TYPES)
+    probes = [read_probe(path) for path in args.probe_json]     # a bad file stops us before any figure
     if args.runs:
         curves(args.runs, args.out)
         print(f"wrote {args.out}")
-    if args.probe_json:
+    if probes:
         out = args.probe_out or os.path.join(os.path.dirname(args.out), "probe.png")
-        probe_figure(args.probe_json, out)
+        probe_figure(probes, out)
         print(f"wrote {out}")
 
 

@@ -206,8 +206,11 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
               "device": str(device)}
     if out is not False:
         out = out or ckpt_path + ".probe.json"
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        try:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+        except OSError as e:
+            raise UserError(f"cannot write the probe's result to {out!r}: {e.strerror}") from None
         result["out"] = out
     return result
 
@@ -243,8 +246,8 @@ def main(argv=None):
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--out", default=None, help="JSON result (default: <ckpt>.probe.json)")
     args = p.parse_args(argv)
-    if args.out:
-        output_file(args.out, "--out", (".json",))
+    # where the result goes, checked before the minutes of probing (the default: beside the checkpoint)
+    args.out = output_file(args.out or resolve_checkpoint(args.ckpt) + ".probe.json", "--out", (".json",))
     blocks = None
     if args.blocks != "all":
         try:

@@ -3,6 +3,7 @@
     RUN/metrics.jsonl       the configuration first, then one JSON line per log step
     RUN/samples/            grids of EMA samples
     RUN/checkpoints/step_XXXXXXX.pt
+    RUN/.lock               held by the process training there (one process per run directory)
 
 Checkpoints are plain dicts of tensors, numbers and strings, so they load with
 torch.load(weights_only=True) (the default since PyTorch 2.6), which runs no code from the
@@ -21,7 +22,12 @@ import time
 
 import torch
 
-from utils import UserError, all_reduce, writable_dir
+try:
+    import fcntl            # the run directory's lock (Linux, macOS); without it, no lock
+except ImportError:
+    fcntl = None
+
+from utils import UserError, all_reduce, first_line, writable_dir
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # Flags that change where and how often a run writes, not what it trains: changing them on
@@ -73,7 +79,7 @@ def load_checkpoint(path, map_location="cpu"):
         if isinstance(e, pickle.UnpicklingError) and unsafe:
             raise UserError(f"refusing to load {path!r}: it holds pickled Python objects, which could run code "
                             f"when loaded ({unsafe[0].split(' was not')[0]})") from None
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)
         if isinstance(e, pickle.UnpicklingError):   # torch's text here is about weights_only, not this file
             first = "not a file torch.save wrote"
         raise UserError(f"cannot read checkpoint {path!r} (damaged or not a checkpoint): {type(e).__name__} {first}") from None
@@ -145,14 +151,28 @@ def out_from_resume(resume):
     raise UserError(f"--resume {resume!r} is a checkpoint outside a run directory; say where the run continues with --out")
 
 
+def run_of(resume_path):
+    """The run directory a checkpoint file lies in (RUN/checkpoints/x.pt), or None."""
+    parent = os.path.dirname(os.path.abspath(resume_path))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
 def prepare(out, resume):
     """Check the run directory before anything is loaded or built; create nothing yet, so that a
     run that fails to start leaves no empty directory behind. Returns (checkpoint path,
-    checkpoint) to resume from, or (None, None) for a fresh run, which must not land on an
-    existing run's checkpoints."""
-    resume_path, ckpt = None, None
+    checkpoint, own): the checkpoint to resume from, or (None, None, False) for a fresh run, which
+    must not land on an existing run's checkpoints; own is true when the checkpoint is out's own
+    (the run continues its history there), false when it comes from another run directory."""
+    resume_path, ckpt, own = None, None, False
     if resume is not None:
         resume_path, ckpt = find_resume_checkpoint(resume or out)
+        source = run_of(resume_path)
+        own = source is not None and os.path.realpath(source) == os.path.realpath(out)
+        if not own and list_checkpoints(out):
+            # Its log would be trimmed to the step resumed from, and its own checkpoints pruned
+            # or overwritten by this run's: two runs' histories in one directory.
+            raise UserError(f"--out {out!r} holds checkpoints of its own run; continuing {resume_path!r} there "
+                            f"would mix the two runs: choose an empty --out (or --resume {out!r})")
         newer = [p for p in list_checkpoints(out) if checkpoint_step(p) > ckpt["step"]]
         if newer and os.path.isfile(resume):
             # Continuing from an older file would interleave two histories in one directory
@@ -163,28 +183,59 @@ def prepare(out, resume):
         raise UserError(f"run directory {out!r} already has checkpoints; add --resume to continue it, "
                         f"or choose another --out")
     writable_dir(out)
-    return resume_path, ckpt
+    return resume_path, ckpt, own
+
+
+_locks = {}     # run directory -> the open lock file that holds it, for as long as this process trains there
+
+
+def lock(out):
+    """Hold out/.lock (an advisory lock, released when the process ends): a second process
+    started into the same run directory stops here, before it touches the first one's files."""
+    key = os.path.realpath(out)
+    release(out)                                    # this process's own, from an earlier run (tests, ab.py)
+    f = open(os.path.join(out, ".lock"), "w")
+    try:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"another process is training into --out {out!r} (it holds {os.path.join(out, '.lock')}); "
+                        f"wait for it, stop it, or choose another --out") from None
+    _locks[key] = f
+
+
+def release(out):
+    f = _locks.pop(os.path.realpath(out), None)
+    if f is not None:
+        f.close()
 
 
 def create(out, fresh, main_proc):
-    """Create the run directory (just before the first line of the log): its subdirectories,
-    minus the temporary files of a process that was killed mid-write; a fresh run moves an old
-    metrics.jsonl aside rather than append to it."""
+    """Create the run directory (just before the first line of the log) and lock it: its
+    subdirectories, minus the temporary files of a process that was killed mid-write; a fresh
+    run moves an old metrics.jsonl aside rather than append to it. Checks that the checkpoints and
+    the log can be written, now rather than at the first checkpoint."""
     if not main_proc:
         return
+    log_path = os.path.join(out, "metrics.jsonl")
     try:
         for sub in ("checkpoints", "samples"):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
+        lock(out)
+        probe = os.path.join(out, "checkpoints", f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+        for tmp in glob.glob(os.path.join(out, "checkpoints", "*.tmp*")):
+            os.remove(tmp)
+        if fresh and os.path.exists(log_path):
+            os.replace(log_path, os.path.join(out, f"metrics.{int(time.time())}.jsonl"))
+        open(log_path, "a").close()
     except OSError as e:
-        raise UserError(f"cannot write to --out {out!r}: {e.strerror}") from None
-    for tmp in glob.glob(os.path.join(out, "checkpoints", "*.tmp*")):
-        os.remove(tmp)
-    log_path = os.path.join(out, "metrics.jsonl")
-    if fresh and os.path.exists(log_path):
-        os.replace(log_path, os.path.join(out, f"metrics.{int(time.time())}.jsonl"))
+        raise UserError(f"cannot write to --out {out!r}: {e.strerror}" + (f" ({e.filename})" if e.filename else "")) from None
 
 
-def restore(ckpt, path, model, ema, opt, model_config, args, main_proc):
+def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1):
     """Load a checkpoint into model, EMA and optimiser (created before, unlike the released code)
     and the CPU random state. Refuses a checkpoint of another model; warns about changed flags.
     Returns the step to continue from."""
@@ -193,6 +244,10 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc):
         if saved.get(k) != v:
             raise UserError(f"checkpoint {path!r} does not match this run: its {k} is {saved.get(k)!r}, "
                             f"this run's is {v!r}")
+    missing = [k for k in ("ema", "opt", "step", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path!r} has no {', '.join(missing)}: it cannot continue a training run "
+                        f"(sample.py and fid.py can still use its weights)")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
@@ -204,6 +259,11 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc):
         if changed:
             print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
                   f"the run will not match an uninterrupted one", file=sys.stderr)
+        saved_world = ckpt.get("world_size", world)          # older checkpoints do not record it: no warning
+        if args.disp_group_size == 0 and saved_world != world:
+            print(f"warning: resuming on {world} process(es) a run trained on {saved_world} with --disp-group-size 0: "
+                  f"each dispersive group (one process's batch) changes from {args.batch_size // saved_world} to "
+                  f"{args.batch_size // world} samples", file=sys.stderr)
         if step >= args.steps:
             print(f"nothing to do: the checkpoint is at step {step} and --steps is {args.steps}")
     return step
@@ -222,9 +282,14 @@ class Logger:
         if enabled and keep_until_step is not None and os.path.exists(path):
             with open(path) as f:
                 lines = [l for l in f if self._keep(l, keep_until_step)]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(path + ".tmp", path)
+            try:
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(lines)
+                os.replace(path + ".tmp", path)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".tmp")
+                raise UserError(f"cannot rewrite the log {path!r}: {e.strerror}") from None
 
     @staticmethod
     def _keep(line, until):

@@ -22,7 +22,7 @@ import latents
 from model import build_model
 from objectives import OBJECTIVES
 from rundir import load_checkpoint, resolve_checkpoint
-from utils import HelpFormatter, UserError, autocast, number, output_file, pick_device, run_main
+from utils import HelpFormatter, UserError, autocast, first_line, number, output_file, pick_device, run_main
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,14 +162,21 @@ def build_from_checkpoint(ckpt, weights="ema"):
     cfg = {"objective": "flow", **ckpt["model_config"]}
     if cfg["objective"] not in OBJECTIVES:
         raise UserError(f"the checkpoint's objective {cfg['objective']!r} is not one of this code's: {', '.join(OBJECTIVES)}")
-    model = build_model(cfg["name"], cfg["image_size"], cfg["in_channels"], cfg["num_classes"],
-                        cls=OBJECTIVES[cfg["objective"]].model_class)
+    try:
+        model = build_model(cfg["name"], cfg["image_size"], cfg["in_channels"], cfg["num_classes"],
+                            cls=OBJECTIVES[cfg["objective"]].model_class)
+    except (KeyError, ValueError, TypeError) as e:      # a hand-edited or foreign model_config
+        raise UserError(f"the checkpoint's model_config {ckpt['model_config']} describes no model of this code "
+                        f"({type(e).__name__}: {first_line(e)})") from None
     if weights not in ckpt:
         raise UserError(f"the checkpoint has no {weights!r} weights")
     try:
         model.load_state_dict(ckpt[weights])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit {cfg['name']}: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:       # its second line names the first difference: a missing key, a shape
+        detail = [l.strip() for l in str(e).splitlines() if l.strip()][1:2] or [first_line(e)]
+        raise UserError(f"checkpoint weights do not fit {cfg['name']}: {detail[0][:300]}") from None
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the checkpoint's {weights!r} weights are not all finite (train.py never saves such weights)")
     return model
 
 

@@ -68,7 +68,8 @@ def get_args(argv=None):
     g.add_argument("--grad-clip", type=number(float, min=0), default=1.0, help="clip the gradient norm (0: off)")
     g.add_argument("--ema-decay", type=number(float, min=0, below=1), default=0.9999,
                    help="EMA decay, ramped up as min(decay, (1+s)/(10+s)) so that early samples are not noise")
-    g.add_argument("--seed", type=int, default=0, help="seed for the weights, data order and noise")
+    g.add_argument("--seed", type=number(int, min=0, max=2**32 - 1), default=0,
+                   help="seed for the weights, data order and noise")
     g = p.add_argument_group("the run")
     g.add_argument("--out", default=None, help="run directory (default: runs/<data>_<model>[_<objective>]_w<disp-weight>_s<seed>)")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
@@ -190,7 +191,7 @@ def main(argv=None):
     main_proc = rank == 0
     torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32 (the dispersive distances too)
     torch.backends.cudnn.allow_tf32 = True
-    resume_path, ckpt = rundir.prepare(args.out, args.resume)      # checks only: it creates nothing yet
+    resume_path, ckpt, own = rundir.prepare(args.out, args.resume)   # checks only: it creates nothing yet
 
     # --- data (small sets live whole on the training device), model, EMA, optimiser, objective ---
     if not main_proc:
@@ -203,7 +204,7 @@ def main(argv=None):
     reg, views = objective.reg, objective.views
     model_config = {"name": args.model, "image_size": data.shape[1], "in_channels": data.shape[0],
                     "num_classes": model.num_classes, "objective": args.objective}
-    start = rundir.restore(ckpt, resume_path, model, ema, opt, model_config, args, main_proc) if ckpt else 0
+    start = rundir.restore(ckpt, resume_path, model, ema, opt, model_config, args, main_proc, world) if ckpt else 0
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
         net = torch.compile(net)
@@ -216,8 +217,9 @@ def main(argv=None):
     # Batches refuses a batch larger than the data: before rundir.create, so that no directory is left
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)
-    rundir.create(args.out, fresh=ckpt is None, main_proc=main_proc)
-    log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if ckpt else None)
+    # a run continued from another run directory starts a log of its own here, as a fresh one does
+    rundir.create(args.out, fresh=not own, main_proc=main_proc)
+    log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if own else None)
     log(type="config", step=start, args=vars(args), model_config=model_config,
         params=sum(p.numel() for p in model.parameters()), disp_blocks=list(reg.blocks), world_size=world,
         resumed_from=resume_path, vae=data.vae, device=describe_device(device),
@@ -228,7 +230,7 @@ def main(argv=None):
             raise UserError(f"weights are not finite at step {step}; not saving (earlier checkpoints are intact)")
         if main_proc:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "args": vars(args), "model_config": model_config, "classes": data.classes,
+                     "args": vars(args), "model_config": model_config, "classes": data.classes, "world_size": world,
                      "vae": data.vae,      # latent sets: the VAE that decodes samples
                      "rng": {"torch": torch.get_rng_state()}, "versions": {"torch": str(torch.__version__)}}
             return rundir.save_checkpoint(args.out, step, state, args.keep_ckpts)
@@ -283,6 +285,7 @@ def main(argv=None):
                         pbar.close()
                         print(f"stopped by {stop['signal']} at step {done}; saved {path}; continue with --resume")
                     break
+    rundir.release(args.out)
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -15,6 +15,13 @@ class UserError(Exception):
     """A problem the user can fix (a flag, a file, the data); printed as one line, exit status 2."""
 
 
+def first_line(error, limit=200):
+    """The first non-empty line of an exception's text, for a one-line message: a library's
+    text can run over many lines, or be empty."""
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    return lines[0][:limit] if lines else ""
+
+
 def run_main(main):
     """Call main(); turn a UserError into one line on stderr and exit status 2."""
     try:

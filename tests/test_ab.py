@@ -111,12 +111,20 @@ def test_ab_bad_input(tmp_path):
         ab.main(["--steps", "2", "--probe", "--probe-t", "0.9,2", "--root", str(tmp_path)])
     with pytest.raises(UserError, match="--arms 'baseline,nope'"):
         ab.main(["--steps", "2", "--arms", "baseline,nope", "--root", str(tmp_path)])
+    with pytest.raises(UserError, match="--seeds '': give at least one seed"):
+        ab.main(["--steps", "2", "--seeds", "", "--root", str(tmp_path)])
+
+
+def test_ab_refuses_runs_trained_past_its_steps(image_folder, tmp_path):
+    root = str(tmp_path / "ab")
+    ab.main(["--steps", "2", "--arms", "baseline", "--root", root, "--", *ab_train_args(image_folder)])
+    with pytest.raises(UserError, match="baseline_s0 is trained to step 2 already, past --steps 1: give --steps 2"):
+        ab.main(["--steps", "1", "--arms", "baseline", "--root", root, "--", *ab_train_args(image_folder)])
 
 
 @pytest.mark.parametrize("objective", present("diffusion", "meanflow")[:1])   # one, whichever a fork kept
 def test_ab_trains_another_objectives_two_arms(image_folder, tmp_path, objective):
-    """train.py's --objective after "--" sets what the baseline and dispersive arms train; the
-    contrastive arm, flow matching's paired comparison, is refused with any other objective."""
+    """train.py's --objective after "--" sets what the baseline and dispersive arms train."""
     root = tmp_path / "ab"
     targs = ab_train_args(image_folder, "--objective", objective)
     rows = ab.main(["--steps", "2", "--seeds", "0", "--root", str(root), "--", *targs])
@@ -124,14 +132,21 @@ def test_ab_trains_another_objectives_two_arms(image_folder, tmp_path, objective
     for name, weight in (("baseline_s0", 0), ("dispersive_s0", 0.5)):
         config = read_jsonl(root / name / "metrics.jsonl")[0]
         assert config["args"]["objective"] == objective and config["args"]["disp_weight"] == weight
-    with pytest.raises(UserError, match="the contrastive arm is flow matching's paired comparison"):
-        ab.main(["--steps", "2", "--arms", "baseline,contrastive", "--root", str(tmp_path / "c"), "--", *targs])
-    with pytest.raises(UserError, match="--objective contrastive is ab.py's contrastive arm"):
-        ab.main(["--steps", "2", "--root", str(tmp_path / "c"), "--",
-                 *ab_train_args(image_folder, "--objective", "contrastive")])
     # the root of these runs is not reused for flow matching's runs of the same arms and seed
     with pytest.raises(UserError, match=f"--objective {objective}, not flow"):
         ab.main(["--steps", "2", "--seeds", "0", "--root", str(root), "--", *ab_train_args(image_folder)])
+
+
+@pytest.mark.parametrize("objective", present("diffusion", "meanflow")[:1] if present("contrastive") else [])
+def test_the_contrastive_arm_goes_with_flow_matching_only(image_folder, tmp_path, objective):
+    """The contrastive arm is flow matching's paired comparison: refused beside another objective's
+    arms, and --objective contrastive is that arm, not an objective for both arms."""
+    targs = ab_train_args(image_folder, "--objective", objective)
+    with pytest.raises(UserError, match="the contrastive arm is flow matching's paired comparison"):
+        ab.get_args(["--steps", "2", "--arms", "baseline,contrastive", "--root", str(tmp_path), "--", *targs])
+    with pytest.raises(UserError, match="--objective contrastive is ab.py's contrastive arm"):
+        ab.get_args(["--steps", "2", "--root", str(tmp_path), "--",
+                     *ab_train_args(image_folder, "--objective", "contrastive")])
 
 
 def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys):

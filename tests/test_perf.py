@@ -128,8 +128,11 @@ def test_bench_runs_on_cpu_and_prints_its_table():
 
     r = run_script("bench.py", "--device", "cpu", "--batch-size", "0")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--batch-size: must be an integer >= 1, got 0")
+    # checked before the table's header is printed
     r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--batch-size", "8")
-    assert r.returncode == 2 and "--disp-group-size 16 does not divide the batch of 8" in r.stderr
+    assert r.returncode == 2 and "--disp-group-size 16 does not divide --batch-size 8" in r.stderr and not r.stdout
+    r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--disp-block", "5")
+    assert r.returncode == 2 and "this model has blocks 1..4" in r.stderr and not r.stdout
 
 
 def test_bench_compiles_every_row_in_the_mode_asked(monkeypatch, capsys):

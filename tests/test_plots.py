@@ -100,6 +100,11 @@ def test_probe_figure_and_cli(runs, tmp_path, monkeypatch):
     plots.main([*runs.values(), "--out", str(tmp_path / "cli" / "c.png"), "--probe-json", *paths])
     assert Image.open(tmp_path / "cli" / "c.png").size[0] == int(plots.CURVES_SIZE[0] * plots.DPI)
     assert (tmp_path / "cli" / "probe.png").stat().st_size > 0
+    # a bad probe file stops the command before it writes either figure
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="cannot read probe result"):
+        plots.main([*runs.values(), "--out", str(tmp_path / "cli2" / "c.png"), "--probe-json", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "cli2").exists()
 
 
 def test_plots_errors(tmp_path, monkeypatch):

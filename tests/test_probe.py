@@ -1,8 +1,11 @@
 """probe.py: the classifier separates what is separable and nothing more, the CLI writes one
 finite row per (block, t), its statistics are loss.block_stats of the very inputs described, and
 bad input is a one-line error."""
+import contextlib
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -129,3 +132,15 @@ def test_bad_input(tiny_run, tmp_path, capsys):
         assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     with pytest.raises(UserError, match="no checkpoint in"):
         probe.probe(str(tmp_path))
+
+
+def test_the_default_output_is_checked_before_probing(tiny_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[1], run)           # a copy: the other tests share tiny_run
+    ckpt = list_checkpoints(run)[0]
+    monkeypatch.setattr(probe, "probe", lambda *a, **k: pytest.fail("probed before checking where the result goes"))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(ckpt + ".probe.json")
+    os.mkdir(ckpt + ".probe.json")              # the default name, taken by a directory
+    with pytest.raises(UserError, match=r"--out .*\.probe\.json' is a directory"):
+        probe.main(["--ckpt", str(run)])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import rundir
+import sample
 import train
 from conftest import ROOT, make_image_folder, read_jsonl, run_script, tiny_args
 from rundir import list_checkpoints, load_checkpoint
@@ -159,6 +160,26 @@ def test_foreign_and_mismatched_checkpoints(image_folder, tmp_path):
         load_checkpoint(str(tmp_path / "garbage.pt"))     # not torch's advice about weights_only
 
 
+def test_checkpoints_that_describe_no_model_or_hold_broken_weights(image_folder, tmp_path):
+    """A hand-edited model_config, weights of another shape, or non-finite weights: one line each
+    from sample.py (and fid.py, probe.py: the same loader), naming what is wrong."""
+    train.main(tiny_args(image_folder, tmp_path / "run", "--steps", "1"))
+    good = load_checkpoint(list_checkpoints(tmp_path / "run")[0])
+    edits = {"unknown model 'DiT-Zz/4'": lambda c: c["model_config"].update(name="DiT-Zz/4"),
+             "KeyError: 'image_size'": lambda c: c["model_config"].pop("image_size"),
+             "image size 30 is not divisible": lambda c: c["model_config"].update(image_size=30),
+             "size mismatch for y_embed.table.weight": lambda c: c["model_config"].update(num_classes=5),
+             "'ema' weights are not all finite": lambda c: c["ema"].update(
+                 {k: v * float("nan") for k, v in c["ema"].items()})}
+    for i, (message, edit) in enumerate(edits.items()):
+        ck = load_checkpoint(list_checkpoints(tmp_path / "run")[0])
+        edit(ck)
+        torch.save(ck, tmp_path / f"{i}.pt")
+        with pytest.raises(UserError, match=message):
+            sample.load_model(str(tmp_path / f"{i}.pt"))
+    assert sample.load_model(list_checkpoints(tmp_path / "run")[0])[1].num_classes == good["model_config"]["num_classes"]
+
+
 def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(tiny_args(image_folder, out, "--steps", "2"))
@@ -192,6 +213,73 @@ def test_resume_from_an_older_file_or_a_stray_file_is_refused(image_folder, tmp_
     i = args.index("--out")
     assert "outside a run directory" in bad(tmp_path, *(args[:i] + args[i + 2:]), "--resume", str(stray))
     assert [os.path.basename(p) for p in list_checkpoints(out)] == ["step_0000004.pt", "step_0000002.pt"]
+
+
+def test_resume_from_another_run_never_lands_on_a_run_with_checkpoints(image_folder, tmp_path):
+    """--resume X --out Y continues X's run in Y: refused when Y holds a run of its own (its
+    checkpoints would be pruned or overwritten, its log trimmed); into an empty Y it starts Y's log."""
+    x, y = tmp_path / "x", tmp_path / "y"
+    train.main(tiny_args(image_folder, x, "--steps", "2"))
+    train.main(tiny_args(image_folder, y, "--steps", "4", "--seed", "5", "--ckpt-every", "2", "--keep-ckpts", "0"))
+    before = {p: open(p, "rb").read() for p in list_checkpoints(y)}
+    log = (y / "metrics.jsonl").read_text()
+    assert "holds checkpoints of its own run" in bad(tmp_path, *tiny_args(image_folder, y, "--steps", "3",
+                                                                               "--resume", str(x)))
+    assert {p: open(p, "rb").read() for p in list_checkpoints(y)} == before and (y / "metrics.jsonl").read_text() == log
+    z = tmp_path / "z"
+    z.mkdir()
+    (z / "metrics.jsonl").write_text('{"type": "train", "step": 1, "flow": 9}\n')     # a failed start's log
+    train.main(tiny_args(image_folder, z, "--steps", "3", "--resume", str(x)))
+    assert [(r["type"], r["step"]) for r in read_jsonl(z / "metrics.jsonl")] == [("config", 2), ("train", 3)]
+    assert read_jsonl(z / "metrics.jsonl")[0]["resumed_from"].startswith(str(x))
+
+
+def test_a_second_process_cannot_train_into_a_locked_run_directory(image_folder, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    with open(out / ".lock", "w") as held:              # as another process training there holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        log = (out / "metrics.jsonl").read_text()
+        assert "another process is training into --out" in bad(
+            tmp_path, *tiny_args(image_folder, out, "--steps", "4", "--resume"))
+        assert (out / "metrics.jsonl").read_text() == log
+    train.main(tiny_args(image_folder, out, "--steps", "4", "--resume"))      # released: it continues
+    assert load_checkpoint(list_checkpoints(out)[0])["step"] == 4
+
+
+def test_an_unwritable_checkpoint_folder_stops_the_run_before_training(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    (out / "checkpoints" / f".write_test{os.getpid()}").mkdir(parents=True)   # opening it to write fails
+    calls = []
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: calls.append(1))
+    with pytest.raises(UserError, match="cannot write to --out .*write_test"):
+        train.main(tiny_args(image_folder, out, "--steps", "2"))
+    assert calls == []
+
+
+def test_resuming_whole_batch_groups_on_another_number_of_processes_warns(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(image_folder, out, "--disp-group-size", "0")
+    train.main(args + ["--steps", "2"])
+    path = list_checkpoints(out)[0]
+    ck = load_checkpoint(path)
+    assert ck["world_size"] == 1
+    ck["world_size"] = 2                    # as if two processes had trained it, 4 samples each
+    torch.save(ck, path)
+    capsys.readouterr()
+    train.main(args + ["--steps", "3", "--resume"])
+    assert "each dispersive group (one process's batch) changes from 4 to 8 samples" in capsys.readouterr().err
+
+
+def test_resume_needs_the_optimiser_state(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    ckpt = load_checkpoint(list_checkpoints(out)[0])
+    del ckpt["opt"]
+    torch.save(ckpt, tmp_path / "weights_only.pt")
+    assert "has no opt: it cannot continue a training run" in bad(
+        tmp_path, *tiny_args(image_folder, tmp_path / "new", "--steps", "4", "--resume", str(tmp_path / "weights_only.pt")))
 
 
 def test_disk_full_during_checkpoint_write(image_folder, tmp_path, monkeypatch):

@@ -141,6 +141,44 @@ def test_idx_reader(tmp_path):
     assert ds.images.shape == (2, 1, 3, 4) and ds.labels.tolist() == [7, 9] and ds.flip
 
 
+def test_damaged_idx_files_are_named(tmp_path):
+    """A truncated download, an empty file, or images and labels of two different sets: one line
+    that names the file, never numpy's or gzip's error from inside the reader."""
+    import gzip
+    header = lambda *shape: bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
+    good = gzip.compress(header(3, 2, 2) + bytes(12))
+    labels = gzip.compress(header(3) + bytes([1, 2, 3]))
+    cases = {"truncated": (good[: len(good) // 2], labels, "EOFError"),
+             "empty": (b"", labels, "not a whole IDX file"),
+             "short": (gzip.compress(header(3, 2, 2) + bytes(11)), labels, "not a whole IDX file"),
+             "other set": (gzip.compress(header(2, 2, 2) + bytes(8)), labels, r"\(2 images\) .* \(3 labels\)")}
+    for name, (img, lab, message) in cases.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        (d / "train-images-idx3-ubyte.gz").write_bytes(img)
+        (d / "train-labels-idx1-ubyte.gz").write_bytes(lab)
+        with pytest.raises(UserError, match=message):
+            load_dataset("fashion-mnist", str(d))
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "train-images-idx3-ubyte.gz").write_bytes(good)
+    (tmp_path / "ok" / "train-labels-idx1-ubyte.gz").write_bytes(labels)
+    assert load_dataset("fashion-mnist", str(tmp_path / "ok")).labels.tolist() == [1, 2, 3]
+
+
+def test_image_folder_reads_16_bit_grey_and_refuses_an_empty_class(tmp_path):
+    from PIL import Image
+    grey16 = (np.arange(16 * 16).reshape(16, 16) * 256 + 255).astype(np.uint16)    # high bytes 0..255
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(grey16).save(tmp_path / c / "0.png")
+    assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I;16")
+    ds = load_dataset("folder", str(tmp_path))
+    assert ds.images.shape == (2, 1, 16, 16) and ds.images[0, 0].flatten().tolist() == list(range(256))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(UserError, match="class folder.*'c' hold no images"):
+        load_dataset("folder", str(tmp_path))
+
+
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
