@@ -10,6 +10,7 @@ GPUs (each rank takes its share of the same global batch).
 import contextlib
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +99,7 @@ def _read_idx(path):
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:        # a truncated or damaged .gz
+    except (OSError, EOFError, zlib.error) as e:        # a truncated or damaged .gz
         raise UserError(f"cannot read {path!r} ({type(e).__name__}: {e}); download it again") from None
     ndim = raw[3] if len(raw) >= 4 and raw[:3] == b"\0\0\x08" else 0
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
@@ -115,7 +116,8 @@ def _mnist_like(name, path):
         if os.path.isfile(img) and os.path.isfile(lab):
             images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
             labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
-            if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels) or labels.max() > 9:
+            if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels) or not len(labels) \
+                    or labels.max() > 9:
                 raise UserError(f"{img!r} ({len(images)} images) and {lab!r} ({len(labels)} labels) are not "
                                 f"one set's images and labels")
             classes = [str(i) for i in range(10)]
@@ -138,10 +140,13 @@ def _image_folder(path, image_size):
                 im.load()
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UserError(f"cannot read image {f!r} ({e}); remove it from --data-path") from None
-        if im.mode.startswith("I;16"):      # 16-bit grey: keep the high byte (convert("L") would clip)
-            im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
-        elif im.mode in ("I", "F"):
-            raise UserError(f"{f!r} has 32-bit pixels (mode {im.mode}); convert the set to 8 or 16 bits per channel")
+        if im.mode.startswith("I"):         # 16-bit grey (mode I before Pillow 10.3): keep the high byte,
+            a = np.asarray(im)               # where convert("L") would clip everything above 255
+            if a.min() < 0 or a.max() > 65535:
+                raise UserError(f"{f!r} has 32-bit pixels (mode {im.mode}); convert the set to 8 or 16 bits per channel")
+            im = Image.fromarray((a >> 8).astype(np.uint8))
+        elif im.mode == "F":
+            raise UserError(f"{f!r} has floating-point pixels; convert the set to 8 or 16 bits per channel")
         pics.append(im)
         modes.add("L" if im.mode in ("1", "L") else "RGB")
     mode = "L" if modes == {"L"} else "RGB"
@@ -171,7 +176,8 @@ def list_image_folder(path):
     if not files:
         raise UserError(f"no images found in --data-path {path!r}: expected one sub-directory per class with image files "
                         f"({', '.join(IMAGE_EXTS)})")
-    empty = [c for ci, c in enumerate(classes) if ci not in {i for _, i in files}]
+    found = {ci for _, ci in files}
+    empty = [c for ci, c in enumerate(classes) if ci not in found]
     if empty:       # it would still be a class the model is conditioned on, never trained
         raise UserError(f"--data-path {path!r}: class folder(s) {', '.join(map(repr, empty[:5]))} hold no images "
                         f"({', '.join(IMAGE_EXTS)}); remove them or add images")

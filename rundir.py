@@ -11,6 +11,7 @@ file. They are written atomically: to a temporary file in the same directory, fl
 then renamed over the final name, so a crash leaves the old file or the new one, never half of one.
 """
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -166,6 +167,10 @@ def prepare(out, resume):
     resume_path, ckpt, own = None, None, False
     if resume is not None:
         resume_path, ckpt = find_resume_checkpoint(resume or out)
+        missing = [k for k in ("ema", "opt", "step", "rng", "args") if k not in ckpt]
+        if missing:
+            raise UserError(f"checkpoint {resume_path!r} has no {', '.join(missing)}: it cannot continue a training "
+                            f"run (sample.py and fid.py can still use its weights)")
         source = run_of(resume_path)
         own = source is not None and os.path.realpath(source) == os.path.realpath(out)
         if not own and list_checkpoints(out):
@@ -190,19 +195,22 @@ _locks = {}     # run directory -> the open lock file that holds it, for as long
 
 
 def lock(out):
-    """Hold out/.lock (an advisory lock, released when the process ends): a second process
-    started into the same run directory stops here, before it touches the first one's files."""
-    key = os.path.realpath(out)
-    release(out)                                    # this process's own, from an earlier run (tests, ab.py)
+    """Hold out/.lock (an advisory lock): a second process started into the same run directory
+    stops here, before it touches the first one's files. train.py releases it when the run ends;
+    a run that fails keeps it until its process ends, or until this process locks out again."""
+    release(out)
     f = open(os.path.join(out, ".lock"), "w")
     try:
         if fcntl is not None:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"another process is training into --out {out!r} (it holds {os.path.join(out, '.lock')}); "
-                        f"wait for it, stop it, or choose another --out") from None
-    _locks[key] = f
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):     # a file system without locks: go on without
+            print(f"warning: cannot lock {out!r} ({e.strerror}); nothing stops a second run there", file=sys.stderr)
+        else:
+            f.close()
+            raise UserError(f"another process is training into --out {out!r} (it holds {os.path.join(out, '.lock')}); "
+                            f"wait for it, stop it, or choose another --out") from None
+    _locks[os.path.realpath(out)] = f
 
 
 def release(out):
@@ -211,10 +219,11 @@ def release(out):
         f.close()
 
 
-def create(out, fresh, main_proc):
+def create(out, new_log, main_proc):
     """Create the run directory (just before the first line of the log) and lock it: its
-    subdirectories, minus the temporary files of a process that was killed mid-write; a fresh
-    run moves an old metrics.jsonl aside rather than append to it. Checks that the checkpoints and
+    subdirectories, minus the temporary files of a process that was killed mid-write. A run that
+    starts a log of its own (new_log: a fresh run, or one continued from another run directory)
+    moves an old metrics.jsonl aside rather than append to it. Checks that the checkpoints and
     the log can be written, now rather than at the first checkpoint."""
     if not main_proc:
         return
@@ -228,7 +237,7 @@ def create(out, fresh, main_proc):
         os.remove(probe)
         for tmp in glob.glob(os.path.join(out, "checkpoints", "*.tmp*")):
             os.remove(tmp)
-        if fresh and os.path.exists(log_path):
+        if new_log and os.path.exists(log_path):
             os.replace(log_path, os.path.join(out, f"metrics.{int(time.time())}.jsonl"))
         open(log_path, "a").close()
     except OSError as e:
@@ -244,10 +253,6 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
         if saved.get(k) != v:
             raise UserError(f"checkpoint {path!r} does not match this run: its {k} is {saved.get(k)!r}, "
                             f"this run's is {v!r}")
-    missing = [k for k in ("ema", "opt", "step", "rng") if k not in ckpt]
-    if missing:
-        raise UserError(f"checkpoint {path!r} has no {', '.join(missing)}: it cannot continue a training run "
-                        f"(sample.py and fid.py can still use its weights)")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
@@ -259,11 +264,12 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
         if changed:
             print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
                   f"the run will not match an uninterrupted one", file=sys.stderr)
+        # with --disp-group-size 0 a dispersive group is one process's batch
         saved_world = ckpt.get("world_size", world)          # older checkpoints do not record it: no warning
-        if args.disp_group_size == 0 and saved_world != world:
+        was, now = ckpt["args"].get("batch_size", args.batch_size) // saved_world, args.batch_size // world
+        if args.disp_group_size == 0 and was != now:
             print(f"warning: resuming on {world} process(es) a run trained on {saved_world} with --disp-group-size 0: "
-                  f"each dispersive group (one process's batch) changes from {args.batch_size // saved_world} to "
-                  f"{args.batch_size // world} samples", file=sys.stderr)
+                  f"each dispersive group (one process's batch) changes from {was} to {now} samples", file=sys.stderr)
         if step >= args.steps:
             print(f"nothing to do: the checkpoint is at step {step} and --steps is {args.steps}")
     return step

@@ -218,7 +218,7 @@ def main(argv=None):
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)
     # a run continued from another run directory starts a log of its own here, as a fresh one does
-    rundir.create(args.out, fresh=not own, main_proc=main_proc)
+    rundir.create(args.out, new_log=not own, main_proc=main_proc)
     log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if own else None)
     log(type="config", step=start, args=vars(args), model_config=model_config,
         params=sum(p.numel() for p in model.parameters()), disp_blocks=list(reg.blocks), world_size=world,

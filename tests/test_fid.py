@@ -115,7 +115,7 @@ def test_fid_of_npz_writes_protocol_json(folder_and_classifier, tmp_path):
     assert json.load(open(tmp_path / "d.json"))["value"] == dark["value"]
 
 
-def test_samples_of_another_size_or_an_empty_classifier_are_refused(folder_and_classifier, tmp_path):
+def test_samples_of_another_size_or_an_empty_classifier_are_refused(folder_and_classifier, tmp_path, monkeypatch):
     root, images, clf = folder_and_classifier
     arr = fid.load_images(images)[0].permute(0, 2, 3, 1).numpy()       # (24, 16, 16, 3)
     np.savez(tmp_path / "small.npz", arr_0=np.ascontiguousarray(arr[:, :12, :12]))
@@ -123,8 +123,10 @@ def test_samples_of_another_size_or_an_empty_classifier_are_refused(folder_and_c
     with pytest.raises(UserError, match="samples are 12x12 pixels, the reference images .* 16x16"):
         fid.main(["--samples", str(tmp_path / "small.npz"), "--extractor", clf, *common])
     train.main(tiny_args(make_image_folder(tmp_path / "big", size=32), tmp_path / "run", "--steps", "1"))
-    with pytest.raises(UserError, match="samples are 32x32 pixels"):       # refused before sampling
-        fid.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "4", "--extractor", clf, *common])
+    with monkeypatch.context() as m:
+        m.setattr(fid, "generate_n", lambda *a, **k: pytest.fail("sampled before checking the size"))
+        with pytest.raises(UserError, match="samples are 32x32 pixels"):
+            fid.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "4", "--extractor", clf, *common])
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(UserError, match="--extractor .*empty.pt.*: cannot read it"):
         fid.load_extractor(str(tmp_path / "empty.pt"))

@@ -248,6 +248,18 @@ def test_a_second_process_cannot_train_into_a_locked_run_directory(image_folder,
     assert load_checkpoint(list_checkpoints(out)[0])["step"] == 4
 
 
+def test_a_file_system_without_locks_warns_and_trains(image_folder, tmp_path, monkeypatch, capsys):
+    if rundir.fcntl is None:
+        pytest.skip("no fcntl here: runs are never locked")
+
+    def no_locks(f, how):
+        raise OSError(38, "Function not implemented")       # ENOSYS, as some network file systems answer
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    train.main(tiny_args(image_folder, tmp_path / "run", "--steps", "1"))
+    assert "nothing stops a second run there" in capsys.readouterr().err
+    assert list_checkpoints(tmp_path / "run")
+
+
 def test_an_unwritable_checkpoint_folder_stops_the_run_before_training(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
     (out / "checkpoints" / f".write_test{os.getpid()}").mkdir(parents=True)   # opening it to write fails

@@ -151,7 +151,9 @@ def test_damaged_idx_files_are_named(tmp_path):
     cases = {"truncated": (good[: len(good) // 2], labels, "EOFError"),
              "empty": (b"", labels, "not a whole IDX file"),
              "short": (gzip.compress(header(3, 2, 2) + bytes(11)), labels, "not a whole IDX file"),
-             "other set": (gzip.compress(header(2, 2, 2) + bytes(8)), labels, r"\(2 images\) .* \(3 labels\)")}
+             "other set": (gzip.compress(header(2, 2, 2) + bytes(8)), labels, r"\(2 images\) .* \(3 labels\)"),
+             "no images": (gzip.compress(header(0, 2, 2)), gzip.compress(header(0)), r"\(0 images\)"),
+             "corrupt": (good[:10] + bytes([good[10] ^ 0xFF]) + good[11:], labels, "error: Error -3")}
     for name, (img, lab, message) in cases.items():
         d = tmp_path / name.replace(" ", "_")
         d.mkdir()
@@ -174,6 +176,13 @@ def test_image_folder_reads_16_bit_grey_and_refuses_an_empty_class(tmp_path):
     assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I;16")
     ds = load_dataset("folder", str(tmp_path))
     assert ds.images.shape == (2, 1, 16, 16) and ds.images[0, 0].flatten().tolist() == list(range(256))
+    Image.fromarray(grey16.astype(np.int32)).save(tmp_path / "b" / "0.tif")   # mode I, as Pillow < 10.3 reads 16 bits
+    assert Image.open(tmp_path / "b" / "0.tif").mode == "I"
+    assert load_dataset("folder", str(tmp_path)).images[2, 0].flatten().tolist() == list(range(256))   # b/0.tif
+    Image.fromarray(grey16.astype(np.int32) * 2).save(tmp_path / "b" / "0.tif")          # beyond 16 bits
+    with pytest.raises(UserError, match="has 32-bit pixels"):
+        load_dataset("folder", str(tmp_path))
+    os.remove(tmp_path / "b" / "0.tif")
     (tmp_path / "c").mkdir()
     with pytest.raises(UserError, match="class folder.*'c' hold no images"):
         load_dataset("folder", str(tmp_path))
