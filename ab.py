@@ -360,10 +360,10 @@ def main(argv=None):
                     if out not in runs:          # else a combination that trains the same run as another
                         check_reusable(out, targs)
                         have = list_checkpoints(out)
-                        if have and checkpoint_step(have[0]) > args.steps:
-                            raise UserError(f"{out} is trained to step {checkpoint_step(have[0])} already, past --steps "
-                                            f"{args.steps}: give --steps {checkpoint_step(have[0])} (or more), or "
-                                            f"another --root")
+                        done = checkpoint_step(have[0]) if have else 0
+                        if done > args.steps:
+                            raise UserError(f"{out} is trained to step {done} already, past --steps {args.steps}: "
+                                            f"give --steps {done} (or more), or another --root")
                         runs[out] = argv
         run_dirs = list(runs)     # every check passed: now train what is not trained yet
         for out, argv in runs.items():

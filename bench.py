@@ -262,7 +262,7 @@ def get_args(argv=None):
     a("--peak-tflops", type=number(float, above=0), default=None,
       help="the device's peak dense FLOP/s in TFLOP/s for MFU (default: known GPUs; MFU is n/a otherwise)")
     args = p.parse_args(argv)
-    depth, patch = MODELS[args.model][0], MODELS[args.model][3]
+    depth, _, _, patch = MODELS[args.model]
     if args.image_size % patch:
         raise UserError(f"--image-size {args.image_size} is not divisible by {args.model}'s patch size {patch}")
     # train.build() checks these too, but only after the table's header is out

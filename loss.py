@@ -70,10 +70,10 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
     group_size G > 0: the loss is computed within consecutive groups of G samples and averaged
     over the groups, B above being G. Consecutive groups are random groups: every batch is a
     slice of a random permutation of the data (data.Batches), as each device's share is. The
-    default here, 0, is one group of the whole batch; training uses groups of 16 (Dispersive). The paper computed it per device with no gather, and its
-    runs had 16 samples per device (256 on 16 devices; the released PyTorch code 32): a batch of
-    256 dispersed as one group is a different loss (floor -log 256 instead of -log 16). 0: one
-    group, the whole batch.
+    default here, 0, is one group of the whole batch; training uses groups of 16 (Dispersive).
+    The paper computed it per device with no gather, and its runs had 16 samples per device
+    (256 on 16 devices; the released PyTorch code 32): a batch of 256 dispersed as one group is
+    a different loss (floor -log 256 instead of -log 16).
 
     Always computed in float32, whatever autocast is active, on z's own device. (Where TF32 is
     switched on, as train.py does on a GPU, the one matrix product runs in TF32, whose 10-bit
@@ -217,8 +217,9 @@ class FlowMatching:
     def __call__(self, net, x, y, draws, extra_blocks=()):
         """Loss terms of a batch x (B, C, H, W) with labels y and its slice of draw(). Returns
         {flow, disp, total, blocks}: blocks holds the outputs of the regularised blocks (when the
-        weight is > 0; the baseline asks for none) and of extra_blocks (train.py asks for all of them at log steps, for its diagnostics, and under
-        --compile at every step: train.blocks_to_return)."""
+        weight is > 0; the baseline asks for none) and of extra_blocks (train.py asks for all of
+        them at log steps, for its diagnostics, and under --compile at every step:
+        train.blocks_to_return)."""
         xt, t, y, target = self.inputs(x, y, draws)
         pred, blocks = net(xt, t, y, return_blocks=self.reg.blocks_needed(extra_blocks))
         flow = F.mse_loss(pred.float(), target.float())

@@ -7,8 +7,8 @@ of chosen transformer blocks: that residual stream is what the dispersive loss r
 Reading order: embedders, the block, the final layer, the model, the size registry. The file
 stays comparable with DiT's models.py block by block, with shorter names (DiT's x_embedder,
 t_embedder, y_embedder, adaLN_modulation, final_layer and embedding_table are patch_embed,
-t_embed, y_embed, adaLN, final and table here); extensions (MeanFlow's second time input, meanflow.py) are subclasses
-elsewhere.
+t_embed, y_embed, adaLN, final and table here); extensions (MeanFlow's second time input,
+meanflow.py) are subclasses elsewhere.
 """
 import math
 

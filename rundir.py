@@ -142,20 +142,21 @@ def save_checkpoint(run_dir, step, state, keep):
 # Starting and resuming a run
 # ----------------------------------------------------------------------------------------
 
+def run_of(checkpoint_file):
+    """The run directory a checkpoint file lies in (RUN/checkpoints/x.pt), or None."""
+    parent = os.path.dirname(os.path.normpath(checkpoint_file))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
 def out_from_resume(resume):
     """--resume RUN_DIR (or RUN_DIR/checkpoints/x.pt) without --out continues that run directory."""
     path = os.path.normpath(resume)
     if not os.path.isfile(path):
         return path
-    if os.path.basename(os.path.dirname(path)) == "checkpoints":
-        return os.path.dirname(os.path.dirname(path))
-    raise UserError(f"--resume {resume!r} is a checkpoint outside a run directory; say where the run continues with --out")
-
-
-def run_of(resume_path):
-    """The run directory a checkpoint file lies in (RUN/checkpoints/x.pt), or None."""
-    parent = os.path.dirname(os.path.abspath(resume_path))
-    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+    if run_of(path) is None:
+        raise UserError(f"--resume {resume!r} is a checkpoint outside a run directory; say where the run continues "
+                        f"with --out")
+    return run_of(path)
 
 
 def prepare(out, resume):
