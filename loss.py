@@ -34,13 +34,18 @@ USES_TAU = ("infonce_l2", "infonce_cos")         # the variants whose value depe
 # ----------------------------------------------------------------------------------------
 
 def pairwise_sq_dists(z):
-    """(..., B, d) -> (..., B, B) squared Euclidean distances from one matrix product:
-    ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b. The subtraction cancels badly for vectors with
-    large norms, so the diagonal (exactly 0) is set by hand and the rest clamped at 0.
-    (The released code used F.pdist: a sqrt then a square, float32-only on CUDA and
-    without tensor cores.)"""
-    sq = (z * z).sum(dim=-1)
-    d2 = (sq[..., :, None] + sq[..., None, :] - 2.0 * (z @ z.transpose(-1, -2))).clamp_min(0.0)
+    """(..., B, d) -> (..., B, B) squared Euclidean distances from one matrix product, the Gram
+    matrix G = z z^T: ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b, the squared norms being G's
+    diagonal. The subtraction cancels badly for vectors with large norms, so the diagonal
+    (exactly 0) is set by hand and the rest clamped at 0. (The released code used F.pdist: a
+    sqrt then a square, float32-only on CUDA and without tensor cores.)"""
+    gram = z @ z.transpose(-1, -2)
+    # The norms from G itself, not from a pass of their own over z (z * z, summed): a pass over
+    # the block output fewer each way. The term took 41% less time for it on one CPU thread
+    # (S/2's block, batch 256: 434 -> 256 ms forward and backward; on a GPU not yet measured),
+    # and under TF32 the three terms now share one rounding of z.
+    sq = gram.diagonal(dim1=-2, dim2=-1)
+    d2 = (sq[..., :, None] + sq[..., None, :] - 2.0 * gram).clamp_min(0.0)
     return d2 * (1.0 - torch.eye(z.shape[-2], device=z.device, dtype=z.dtype))
 
 

@@ -27,7 +27,7 @@ for flow, about 9 for diffusion). One noise draw eps (seeded) serves every t and
 
 For scale: the chance rate (the commonest class of the held-out split) and the same probe on
 the model's input x_t itself (the "pixels" row; latents for --data latents). The classifier is
-fitted by L-BFGS (up to 500 iterations); its weight decay is chosen per row among
+fitted by L-BFGS (up to 500 iterations, on the CPU); its weight decay is chosen per row among
 --weight-decay's values by the accuracy on a fifth of the fitting split, so that the 784 pixels
 of Fashion-MNIST do not lose by overfitting (at a fixed 1e-4 they fit 100% of the fitting split
 and scored 0.78 held out, 0.82 with the choice, at t = 0.9).
@@ -170,7 +170,7 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
     train_idx, test_idx = split_indices(len(data), train_samples, test_samples, seed)
     g = torch.Generator().manual_seed(seed)
     x, labels = data.batch(torch.cat([train_idx, test_idx]).to(data.index_device), generator=g)  # latents: seeded
-    x, labels = x.cpu(), labels.to(device)
+    x, labels = x.cpu(), labels.cpu()
     eps = torch.randn(x.shape, generator=g)
     y_tr, y_te = labels[:train_samples], labels[train_samples:]
     chance = torch.bincount(y_te, minlength=data.num_classes).max().item() / len(y_te)
@@ -178,6 +178,11 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
 
     def row(name, t, feats, raw, seconds):
         t_fit = time.perf_counter()
+        # The fits run on the CPU whatever the device: L-BFGS reads a number back at each of its up
+        # to 500 iterations, and on a GPU that is busy sampling beside it (docs/gpu_ab.sh) each read
+        # waits its turn: two S/2 runs' probes did not finish in 200 s on an H200. On 2 CPU threads
+        # a 384-wide block's row takes about 2 s and the 3,072 pixels' about 8 (5,000 images).
+        feats = feats.cpu()
         train_acc, acc, wd = linear_probe(feats[:train_samples], y_tr, feats[train_samples:], y_te,
                                           data.num_classes, weight_decay)
         dist, rms = block_stats(raw)

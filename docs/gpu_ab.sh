@@ -9,7 +9,8 @@
 # 2. scores both runs with ab.py --compare: the EMA model's loss on a fixed batch, the logged
 #    dispersion diagnostics, and the FD-classifier of 10K EMA samples (50 Euler steps) against
 #    the 50K training images; beside it, at the same time, a linear probe (ab.py --probe): its
-#    L-BFGS fits are small and bound by Python and launches, the sampling by the GPU;
+#    forward passes on the GPU, its L-BFGS fits on the CPU (probe.py; on the GPU, beside the
+#    sampling, they did not finish in 203 s);
 # 3. writes to OUT_DIR (at most 8 files, no checkpoints): ab.md (the table, with steps, images
 #    seen and epochs), ab.json, probe.md (if the probe ran), grid_{baseline,dispersive}.png (the
 #    last grid of each run), metrics_{baseline,dispersive}.jsonl and log.txt; prints ab.md last.
@@ -29,6 +30,8 @@
 # (baseline) and 3013 (dispersive) images/s while both ran: together 92% of what one process
 # alone gets (bench.py, the same card: 6713); the classifier was done at 54 s; the scoring took 123 s.
 # The probe, run after the scoring then, was cut at its 80 s limit: it now runs beside the scoring.
+# The second run (SEED=1, commit c382404, the same card): both trainings 300 s again, the scoring
+# 148 s with the probe beside it (its fits then on the GPU; cut at 203 s), the whole call 519 s.
 #   MARGIN = 15 s at the end (copying, the summary); the unzip, ~15 s;
 #   SCORE_S = 150 s for the scoring (123 measured; the probe beside it);
 #   GRACE = 10 s: a training cut by `timeout` finishes its step and saves a checkpoint;
