@@ -9,7 +9,8 @@
 Each row times the very step train.py runs (batch from the device-resident data set, flips,
 noise, bf16 autocast on CUDA, forward, backward, clipping, fused AdamW, EMA), once with the
 dispersive weight at 0 and once above 0, so the overhead of the regulariser is the
-difference. Sampling is timed separately (Euler, EMA model, no guidance).
+difference; the term is also timed alone (make_term). Sampling is timed separately (Euler, EMA
+model, no guidance).
 
 MFU = model FLOPs / time / the device's peak dense bf16 FLOP/s. Model FLOPs are counted
 analytically (forward_macs): a training step costs 6 x forward MACs per image (a
@@ -30,7 +31,7 @@ import torch
 
 import train
 from data import Batches, ImageSet
-from loss import parse_blocks
+from loss import Dispersive, parse_blocks
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import generate, sampler
@@ -214,6 +215,22 @@ def make_train_step(args, device, disp_weight, mode):
     return step, objective
 
 
+def make_term(args, device):
+    """The dispersive term alone, forward and backward, eager as train.py runs it, on a float32
+    block output of the model's shape (the residual stream is float32 under autocast too), and
+    one copy of that output: a read and a write of it, the memory floor of a term that reads it
+    once and writes its gradient once. Timed apart from the step, the term's cost is not the small
+    difference of two long steps (bench.py's overhead column) but a number of its own."""
+    _, hidden, _, patch = MODELS[args.model]
+    z = torch.randn(args.batch_size, (args.image_size // patch) ** 2, hidden, device=device, requires_grad=True)
+    reg = Dispersive(args.disp_weight, args.disp_tau, (1,), group_size=args.disp_group_size)
+
+    def term(i):
+        z.grad = None
+        reg({1: z}).backward()
+    return term, lambda i: z.detach().clone(), tuple(z.shape)
+
+
 def make_sample_batch(args, device, mode):
     torch.manual_seed(0)
     Objective = OBJECTIVES[args.objective]
@@ -328,6 +345,13 @@ def main(argv=None):
             without = profile(steps[0], secs[0], args.profile, device, show=False)
             print_added(without, with_term, args.profile, secs[-1] - secs[0])
         del steps, objectives
+    fresh()
+    term, copy, shape = make_term(args, device)
+    (sec_term, sec_copy), _ = timed([term, copy], args.warmup, args.steps, args.rounds, device)
+    print(f"\nwhat the dispersive term costs alone (eager, forward and backward, a float32 block output of "
+          f"{shape}, groups of {args.disp_group_size or args.batch_size}): {1000 * sec_term:.3f} ms; one copy of "
+          f"that output: {1000 * sec_copy:.3f} ms")
+    del term, copy
     sample_modes = [m for m in modes if m != "compile-loss"] if args.sample_batches else []
     if sample_modes:
         table(["sampling", "images/s", "50K images, s", "TFLOP/s", "MFU", "warmup s", "peak mem GB"])

@@ -121,6 +121,8 @@ def test_bench_runs_on_cpu_and_prints_its_table():
     # the profiles (on a CPU: torch.profiler's tables of operators): a training step, then a sampling batch
     assert out.count("Self CPU time total") == 2
     assert "what the dispersive term adds per step" in out and "| kernels with more time |" in out
+    assert "what the dispersive term costs alone (eager, forward and backward, a float32 block output of " \
+           "(8, 16, 128), groups of 4): " in out    # Mi/4 at 16 x 16: 16 tokens of 128 channels
     assert "device: cpu" in out and f"torch {torch.__version__}" in out and "DiT-Mi/4" in out
     assert "| training | disp weight |" in out and "| sampling | images/s |" in out
     rows = [l for l in out.splitlines() if l.startswith("| eager |")]
