@@ -231,6 +231,81 @@ def make_term(args, device):
     return term, lambda i: z.detach().clone(), tuple(z.shape)
 
 
+# Candidates for the dispersive term's Gram product (docs/speed.md: on a GPU, 16 x 16 outputs
+# over an inner dimension of 98,304 give too few tiles to fill the card, and the gradient takes
+# two products without tensor cores). Each maps z (groups, G, d) to z z^T (groups, G, G),
+# differentiably; --gram-candidates times them before loss.py takes one (none has earned it yet).
+
+def gram_split(z, splits):
+    """The inner dimension cut into `splits` chunks whose Gram matrices are batched and summed:
+    `splits` times more output tiles, for one copy of z forward and one of its gradient backward
+    (the chunks of a group are not one strided batch; contiguous, they are)."""
+    zs = z.unflatten(-1, (splits, -1)).transpose(-3, -2).contiguous()   # (groups, splits, G, d / splits)
+    return (zs @ zs.mT).sum(-3)
+
+
+def gram_whole_batch(z, splits):
+    """The B x B Gram matrix of the whole batch, its diagonal G x G blocks kept: B / G times the
+    FLOPs, but its inner dimension splits without a copy (the chunks are one strided batch)."""
+    g, G, d = z.shape
+    zs = z.reshape(g * G, splits, d // splits).transpose(0, 1)          # (splits, B, d / splits), a view
+    full = (zs @ zs.mT).sum(0)                                          # (B, B)
+    return full.view(g, G, g, G).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+class SymmetricGram(torch.autograd.Function):
+    """z z^T with one backward product, dz = (dG + dG^T) z, where autograd runs one product per
+    side of z z^T and adds the two; the forward product split as gram_split's if splits > 1."""
+
+    @staticmethod
+    def forward(ctx, z, splits):
+        ctx.save_for_backward(z)
+        return gram_split(z, splits) if splits > 1 else z @ z.mT
+
+    @staticmethod
+    def backward(ctx, dg):
+        z, = ctx.saved_tensors
+        return (dg + dg.mT) @ z, None
+
+
+# (name, function, the number the inner dimension must divide by)
+GRAM_CANDIDATES = [("z z^T (loss.py's)", lambda z: z @ z.mT, 1),
+                   ("split 4", lambda z: gram_split(z, 4), 4),
+                   ("split 16", lambda z: gram_split(z, 16), 16),
+                   ("split 64", lambda z: gram_split(z, 64), 64),
+                   ("whole batch, split 16", lambda z: gram_whole_batch(z, 16), 16),
+                   ("one backward product", lambda z: SymmetricGram.apply(z, 1), 1),
+                   ("split 16, one backward product", lambda z: SymmetricGram.apply(z, 16), 16)]
+
+
+def time_gram_candidates(args, device):
+    """bench.py --gram-candidates: each candidate's forward and backward (a fixed upstream gradient)
+    on a float32 block output of the model's shape, in its dispersive groups, eager, and its
+    largest error against a float64 product (TF32 shows there), over the largest entry."""
+    _, hidden, _, patch = MODELS[args.model]
+    G = args.disp_group_size or args.batch_size
+    z = torch.randn(args.batch_size // G, G, (args.image_size // patch) ** 2 * hidden, device=device,
+                    requires_grad=True)
+    dg = torch.randn(z.shape[0], G, G, device=device)
+    z64 = z.detach().cpu().double()
+    exact = z64 @ z64.mT
+    names, fns, errors = [], [], []
+    for name, gram, divides in GRAM_CANDIDATES:
+        if z.shape[-1] % divides:
+            continue
+        with torch.no_grad():
+            errors.append((gram(z).cpu().double() - exact).abs().max().item() / exact.abs().max().item())
+
+        def run(i, gram=gram):
+            z.grad = None
+            gram(z).backward(dg)
+        names.append(name)
+        fns.append(run)
+    secs, _ = timed(fns, args.warmup, args.steps, args.rounds, device)
+    table([f"Gram candidate, {tuple(z.shape)} (groups, G, d)", "ms, forward and backward", "largest error"],
+          [[n, f"{1000 * s:.3f}", f"{e:.1e}"] for n, s, e in zip(names, secs, errors)])
+
+
 def make_sample_batch(args, device, mode):
     torch.manual_seed(0)
     Objective = OBJECTIVES[args.objective]
@@ -264,6 +339,8 @@ def get_args(argv=None):
     a("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode for the compiled rows "
       "(train.py --compile uses default; max-autotune's Triton templates can fuse elementwise work into the "
       "matrix products, and reduce-overhead's CUDA graphs cut launches: candidates for docs/speed.md's targets)")
+    a("--gram-candidates", action="store_true", help="also time the candidates for the dispersive term's Gram "
+      "product (GRAM_CANDIDATES), forward and backward, alone")
     a("--steps", type=pos, default=10, help="timed training steps per round")
     a("--rounds", type=pos, default=3, help="rounds of --steps steps; the median round is reported")
     a("--warmup", type=number(int, min=0), default=5, help="untimed steps before timing (compilation happens here)")
@@ -352,6 +429,8 @@ def main(argv=None):
           f"{shape}, groups of {args.disp_group_size or args.batch_size}): {1000 * sec_term:.3f} ms; one copy of "
           f"that output: {1000 * sec_copy:.3f} ms")
     del term, copy
+    if args.gram_candidates:
+        time_gram_candidates(args, device)
     sample_modes = [m for m in modes if m != "compile-loss"] if args.sample_batches else []
     if sample_modes:
         table(["sampling", "images/s", "50K images, s", "TFLOP/s", "MFU", "warmup s", "peak mem GB"])

@@ -108,6 +108,10 @@ def _read_idx(path):
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+# The first ten labels of each training set (MNIST's first image is a 5, Fashion-MNIST's an ankle boot)
+FIRST_LABELS = {"mnist": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4], "fashion-mnist": [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]}
+
+
 def _mnist_like(name, path):
     # A directory that holds the IDX files themselves (as Debian's dataset-fashion-mnist
     # package installs them) is read directly; anything else goes through torchvision.
@@ -120,6 +124,10 @@ def _mnist_like(name, path):
                     or labels.max() > 9:
                 raise UserError(f"{img!r} ({len(images)} images) and {lab!r} ({len(labels)} labels) are not "
                                 f"one set's images and labels")
+            # The two sets' files have the same names; their first training labels tell them apart
+            other = "mnist" if name == "fashion-mnist" else "fashion-mnist"
+            if labels[:10].tolist() == FIRST_LABELS[other]:
+                raise UserError(f"--data-path {path!r} holds {other}'s training set, not {name}'s: pass --data {other}")
             classes = [str(i) for i in range(10)]
             return ImageSet(images, labels, 10, classes, flip=(name == "fashion-mnist"))
     ds = _torchvision_set("FashionMNIST" if name == "fashion-mnist" else "MNIST", path, flip=(name == "fashion-mnist"))

@@ -26,8 +26,8 @@ from loss import VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import generate, grid_labels, sampler, save_grid
-from utils import (HelpFormatter, UserError, autocast, barrier, describe_device, init_distributed, mean_over_gpus,
-                   number, run_main)
+from utils import (HelpFormatter, UserError, autocast, describe_device, init_distributed, mean_over_gpus,
+                   number, rank0_first, run_main)
 
 
 def get_args(argv=None):
@@ -194,11 +194,8 @@ def main(argv=None):
     resume_path, ckpt, own = rundir.prepare(args.out, args.resume)   # checks only: it creates nothing yet
 
     # --- data (small sets live whole on the training device), model, EMA, optimiser, objective ---
-    if not main_proc:
-        barrier()                                   # let rank 0 download first
-    data = load_dataset(args.data, args.data_path, args.image_size).to(device)
-    if main_proc:
-        barrier()
+    with rank0_first(device):                       # rank 0 downloads first; if it fails, all stop
+        data = load_dataset(args.data, args.data_path, args.image_size).to(device)
     model, ema, opt, objective = build(args, data, device, world)
     # views: forward passes per image (1; 2 for contrastive.py's two noised copies of each image)
     reg, views = objective.reg, objective.views
@@ -209,21 +206,21 @@ def main(argv=None):
     if args.compile:
         net = torch.compile(net)
     solver, _, sample_steps = sampler(args.objective, None, args.sample_steps)
-    # Grids of a latent model are decoded by the set's VAE, loaded now: a VAE that cannot be
-    # loaded stops the run here, not at the first grid hours later. So does a missing FID file.
-    decode = data.decoder(device) if main_proc and args.sample_every and args.data == "latents" else None
-    fid_eval = fid.TrainingFID.from_args(args, data, device) if main_proc else None
-
     # Batches refuses a batch larger than the data: before rundir.create, so that no directory is left
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)
-    # a run continued from another run directory starts a log of its own here, as a fresh one does
-    rundir.create(args.out, new_log=not own, main_proc=main_proc)
-    log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if own else None)
-    log(type="config", step=start, args=vars(args), model_config=model_config,
-        params=sum(p.numel() for p in model.parameters()), disp_blocks=list(reg.blocks), world_size=world,
-        resumed_from=resume_path, vae=data.vae, device=describe_device(device),
-        versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda})
+    with rank0_first(device):                       # what rank 0 alone does here; if it fails, all stop
+        # Grids of a latent model are decoded by the set's VAE, loaded now: a VAE that cannot be
+        # loaded stops the run here, not at the first grid hours later. So does a missing FID file.
+        decode = data.decoder(device) if main_proc and args.sample_every and args.data == "latents" else None
+        fid_eval = fid.TrainingFID.from_args(args, data, device) if main_proc else None
+        # a run continued from another run directory starts a log of its own here, as a fresh one does
+        rundir.create(args.out, new_log=not own, main_proc=main_proc)
+        log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if own else None)
+        log(type="config", step=start, args=vars(args), model_config=model_config,
+            params=sum(p.numel() for p in model.parameters()), disp_blocks=list(reg.blocks), world_size=world,
+            resumed_from=resume_path, vae=data.vae, device=describe_device(device),
+            versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda})
 
     def save(step):
         if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -279,7 +276,8 @@ def main(argv=None):
             stopping = rundir.agree_to_stop(stop, device) if done % args.log_every == 0 or world == 1 else False
             if done % args.ckpt_every == 0 or done == args.steps or stopping:
                 guard.check()
-                path = save(done)
+                with rank0_first(device):           # rank 0 writes it; if that fails, all stop
+                    path = save(done)
                 if stopping:
                     if main_proc:
                         pbar.close()

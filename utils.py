@@ -159,6 +159,27 @@ def mean_over_gpus(values):
     return out
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+@contextlib.contextmanager
+def rank0_first(device):
+    """The block runs on rank 0 first (a download, the run directory, a checkpoint: work that
+    rank 0 alone does, or does before the others), and the other ranks wait for it. If it fails
+    on rank 0, they stop too, with one line, instead of waiting in their next collective for a
+    process that has left (gloo's "Connection closed by peer" traceback; tested with gloo only).
+    A failure on another rank is not passed on."""
+    if not dist.is_initialized():
+        yield
+        return
+    flag = torch.zeros(1, device=device)        # 1: rank 0 failed; broadcast from rank 0 to the others
+    if dist.get_rank() != 0:
+        dist.broadcast(flag, src=0)
+        if flag.item():
+            raise UserError("stopping: rank 0 failed (its error is above)")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        dist.broadcast(flag.fill_(1), src=0)
+        flag.item()             # wait until it is sent: NCCL only queues it, and this process is leaving
+        raise
+    dist.broadcast(flag, src=0)

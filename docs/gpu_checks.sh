@@ -6,8 +6,9 @@
 # Writes one text file per check into OUT_DIR and prints their tables. The checks (CHECKS, a
 # space-separated list; each runs under its own time limit, in seconds):
 #   s2 (240)          bench.py, DiT-S/2: training eager and compiled, sampling; profiles of 3 training
-#                     steps (and what the dispersive term adds to them) and of a sampling batch
-#   b2 (130)          bench.py, DiT-B/2: training, a profile of 3 steps
+#                     steps (and what the dispersive term adds to them) and of a sampling batch; the
+#                     candidates for the term's Gram product, timed alone
+#   b2 (130)          bench.py, DiT-B/2: training, a profile of 3 steps, the Gram candidates
 #   train (90)        train.py itself, DiT-S/2 on CIFAR-10 for 300 steps (its JPEG copy, unzipped
 #                     from CIFAR_ZIP into CIFAR_DIR unless it is there already; skipped without it)
 #   b2_autotune (400) bench.py, DiT-B/2 compiled with Inductor's max-autotune (docs/speed.md's
@@ -42,8 +43,8 @@ check() {   # check NAME SECONDS COMMAND...: run it with a time limit, keep its 
 for c in $CHECKS; do
     case $c in
     s2) check s2 240 $py bench.py --model DiT-S/2 --compile --warmup 3 --sample-batch 1024 --sample-batches 2 \
-            --profile 3 ;;
-    b2) check b2 130 $py bench.py --model DiT-B/2 --compile --warmup 3 --sample-batches 0 --profile 3 ;;
+            --profile 3 --gram-candidates ;;
+    b2) check b2 130 $py bench.py --model DiT-B/2 --compile --warmup 3 --sample-batches 0 --profile 3 --gram-candidates ;;
     train)
         if [ -z "$zip" ] && [ ! -d "$cifar/train" ]; then echo "== train: skipped (no CIFAR_ZIP)"; continue; fi
         [ -d "$cifar/train" ] || { rm -rf "$cifar.part" && $py -m zipfile -e "$zip" "$cifar.part" && mv "$cifar.part" "$cifar"; }

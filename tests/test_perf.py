@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+import bench
 from bench import forward_macs, model_macs
 from conftest import ROOT, present, read_jsonl, run_script, tiny_args
 from model import MODELS, build_model
@@ -111,11 +112,26 @@ def test_profile_of_what_the_dispersive_term_adds(capsys):
     assert rows == ["| gram_bmm | 0, 2 | +0.080 |", "| logsumexp | 0, 1 | +0.020 |", "| nvjet_gemm | 1, 1 | +0.010 |"]
 
 
+@pytest.mark.parametrize("name, gram, divides", bench.GRAM_CANDIDATES, ids=[c[0] for c in bench.GRAM_CANDIDATES])
+def test_gram_candidates_are_z_zT_and_its_gradient(name, gram, divides):
+    """bench.py --gram-candidates times other ways to compute the dispersive term's Gram matrices
+    (docs/speed.md); each must be loss.py's z z^T, in value and in gradient, to float64 rounding."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 128, dtype=torch.float64, requires_grad=True)   # 3 groups of 4, d = 128
+    dg = torch.randn(3, 4, 4, dtype=torch.float64)
+    expected = z @ z.mT
+    (expected_grad,) = torch.autograd.grad(expected, z, dg)
+    got = gram(z)
+    (got_grad,) = torch.autograd.grad(got, z, dg)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_bench_runs_on_cpu_and_prints_its_table():
     r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8",
                    "--steps", "1", "--rounds", "1", "--warmup", "1", "--sample-steps", "2", "--sample-batches", "1",
-                   "--peak-tflops", "1", "--disp-group-size", "4", "--profile", "1")
+                   "--peak-tflops", "1", "--disp-group-size", "4", "--profile", "1", "--gram-candidates")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     # the profiles (on a CPU: torch.profiler's tables of operators): a training step, then a sampling batch
@@ -124,6 +140,8 @@ def test_bench_runs_on_cpu_and_prints_its_table():
     assert "what the dispersive term costs alone (eager, forward and backward, a float32 block output of " \
            "(8, 16, 128), groups of 4): " in out    # Mi/4 at 16 x 16: 16 tokens of 128 channels
     assert "device: cpu" in out and f"torch {torch.__version__}" in out and "DiT-Mi/4" in out
+    gram_rows = out.split("| Gram candidate, (2, 4, 2048) (groups, G, d) |")[1].split("\n\n")[0].splitlines()[2:]
+    assert [r.split(" | ")[0] for r in gram_rows] == ["| " + name for name, _, _ in bench.GRAM_CANDIDATES]
     assert "| training | disp weight |" in out and "| sampling | images/s |" in out
     rows = [l for l in out.splitlines() if l.startswith("| eager |")]
     assert len(rows) == 3 and all("%" in row for row in rows)   # MFU is a percentage when the peak is known
@@ -155,6 +173,25 @@ def torchrun(nproc, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")    # two processes on two cores: no thread fights
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+
+
+@pytest.mark.slow
+def test_under_torchrun_what_fails_on_rank_0_alone_stops_every_rank_with_one_line(image_folder, tmp_path):
+    """Rank 0 alone takes the run directory (its lock), downloads first, loads the FID file and
+    writes checkpoints (utils.rank0_first). When that fails, the other ranks must stop with it,
+    each with one line, not with gloo's traceback from their next collective (or NCCL's hang)."""
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:              # as another process training there holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = torchrun(2, "train.py", *tiny_args(image_folder, out, "--steps", "2"))
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 2 and any("another process is training into --out" in line for line in ours)
+    assert "error: stopping: rank 0 failed (its error is above)" in ours
+    assert "[rank1]" not in r.stderr and "Connection closed" not in r.stderr
+    assert not (out / "metrics.jsonl").exists()
 
 
 def ckpt(run, step):

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -167,6 +168,19 @@ def test_damaged_idx_files_are_named(tmp_path):
     assert load_dataset("fashion-mnist", str(tmp_path / "ok")).labels.tolist() == [1, 2, 3]
 
 
+def test_mnist_and_fashion_mnist_files_are_told_apart(tmp_path):
+    """The two sets' IDX files have the same names; a directory of one read as the other (a
+    wrong --data) would train on it without a word. Their first ten training labels differ."""
+    import gzip
+    labels = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]                                # MNIST's
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3, 0, 0, 0, 10, 0, 0, 0, 2,
+                                                                                0, 0, 0, 2]) + bytes(40)))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 10]) + bytes(labels)))
+    assert load_dataset("mnist", str(tmp_path)).labels.tolist() == labels
+    with pytest.raises(UserError, match="holds mnist's training set, not fashion-mnist's: pass --data mnist"):
+        load_dataset("fashion-mnist", str(tmp_path))
+
+
 def test_image_folder_reads_16_bit_grey_and_refuses_an_empty_class(tmp_path):
     from PIL import Image
     grey16 = (np.arange(16 * 16).reshape(16, 16) * 256 + 255).astype(np.uint16)    # high bytes 0..255
@@ -196,6 +210,10 @@ def test_real_fashion_mnist():
     ds = load_dataset("fashion-mnist", FMNIST)
     assert ds.images.shape == (60000, 1, 28, 28) and ds.images.dtype == torch.uint8
     assert ds.labels.bincount().tolist() == [6000] * 10
+    # MNIST's files have the same names: --data mnist on this directory would train on the wrong set
+    with pytest.raises(UserError, match=re.escape(f"--data-path '{FMNIST}' holds fashion-mnist's training set, "
+                                                  f"not mnist's: pass --data fashion-mnist")):
+        load_dataset("mnist", FMNIST)
 
 
 def test_missing_cifar_names_the_flag(tmp_path):
