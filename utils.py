@@ -27,7 +27,9 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write, line and newline together: the processes of a torchrun share one stderr, and
+        # print's two writes (the text, then the newline) let their lines run into each other
+        sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
