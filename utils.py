@@ -32,7 +32,7 @@ def run_main(main):
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        sys.stderr.write("interrupted\n")
         sys.exit(130)
 
 
