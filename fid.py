@@ -24,13 +24,14 @@ import zlib
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from data import IMAGE_EXTS, load_dataset
 from rundir import resolve_checkpoint
 from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
-from utils import HelpFormatter, UserError, first_line, number, output_file, pick_device, run_main
+from utils import HelpFormatter, UserError, all_reduce, first_line, number, output_file, pick_device, run_main
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -47,6 +48,23 @@ def statistics(feats):
     if feats.shape[0] < 2:
         raise UserError(f"need at least 2 images for a covariance, got {feats.shape[0]}")
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def pooled_statistics(feats, device):
+    """statistics() of the features of every process together, each holding those of its share
+    of the samples (train.py's periodic FID under torchrun): the count, the sum and the sum of
+    outer products are summed over the processes in one all_reduce, in float64 (so the mean and
+    covariance need no second pass). In one process: statistics(feats)."""
+    if not dist.is_initialized():
+        return statistics(feats)
+    f = torch.from_numpy(np.asarray(feats, dtype=np.float64))
+    D = f.shape[1]
+    sums = torch.cat([torch.tensor([float(len(f))], dtype=torch.float64), f.sum(0), (f.T @ f).flatten()])
+    sums = all_reduce(sums.to(device), "sum").cpu().numpy()
+    n, mu = sums[0], sums[1:D + 1] / sums[0]
+    if n < 2:
+        raise UserError(f"need at least 2 images for a covariance, got {int(n)}")
+    return mu, (sums[D + 1:].reshape(D, D) - n * np.outer(mu, mu)) / (n - 1)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -212,12 +230,13 @@ def load_images(path):
 
 
 def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None,
-               stop=None):
+               stop=None, rank=0, world=1):
     """n images, classes in turn (the same labels and noise for every model, so A/B arms match);
-    None if `stop` (generate_many's) was raised on the way."""
+    None if `stop` (generate_many's) was raised on the way. rank, world: this process's share
+    (generate_many's)."""
     g = torch.Generator(device).manual_seed(seed)
     return generate_many(model, grid_labels(model.num_classes, n), solver, steps, batch_size=batch_size, generator=g,
-                         cfg_scale=cfg_scale, decode=decode, stop=stop)
+                         cfg_scale=cfg_scale, decode=decode, stop=stop, rank=rank, world=world)
 
 
 def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu",
@@ -288,22 +307,30 @@ def add_args(parser):
 class TrainingFID:
     """Periodic FID during training (train.py --fid-every): the extractor and the reference
     statistics (the training set, or --fid-ref-stats) are loaded once, when training starts, so
-    that a missing file stops the run at once, not hours in."""
+    that a missing file stops the run at once, not hours in.
+
+    Under torchrun every rank samples its share of the images and extracts their features; the
+    statistics are pooled over the ranks (pooled_statistics) and rank 0, which alone holds the
+    reference, computes the distance. The images are those of one process (generate_many), so
+    the number does not depend on the number of GPUs."""
 
     @classmethod
-    def from_args(cls, args, data, device):
+    def from_args(cls, args, data, device, rank=0, world=1):
         if not args.fid_every:
             return None
         if data.images is None:
             raise UserError("--fid-every needs the training images as its reference; for latents, run fid.py on "
                             "sample.py's .npz with --ref-stats (see docs/imagenet.md)")
         return cls(args.fid_extractor, args.inception_weights, args.fid_ref_stats, data.images, device,
-                   args.fid_every, args.fid_samples, args.sample_steps, args.sample_cfg)
+                   args.fid_every, args.fid_samples, args.sample_steps, args.sample_cfg, rank=rank, world=world)
 
     def __init__(self, extractor, weights, ref_stats, train_images, device, every, n, steps=None, cfg_scale=1.0,
-                 prefix="fid-"):     # messages name train.py's flags: --fid-extractor, --fid-ref-stats
+                 prefix="fid-", rank=0, world=1):     # messages name train.py's flags: --fid-extractor, --fid-ref-stats
         self.fn, self.info = load_extractor(extractor, weights, device, prefix)
         self.device, self.every, self.n, self.steps, self.cfg_scale = device, every, n, steps, cfg_scale
+        self.rank, self.world = rank, world
+        if rank != 0:                   # the reference is rank 0's alone
+            return
         if ref_stats:
             self.mu, self.sigma, self.ref = reference_stats(self.fn, self.info, stats_path=ref_stats, prefix=prefix)
         else:
@@ -314,13 +341,18 @@ class TrainingFID:
         return step % self.every == 0
 
     def __call__(self, model, objective, seed, stop=None):
-        """The log line's fields; None if a signal (`stop`) arrived meanwhile: the run's checkpoint
-        comes first, within a scheduler's grace period, not after minutes of sampling."""
+        """The log line's fields (on rank 0; {} on the others); None if a signal (`stop`, on any
+        rank) arrived meanwhile: the run's checkpoint comes first, within a scheduler's grace
+        period, not after minutes of sampling."""
         fn, solver, steps = sampler(objective, None, self.steps)
-        images = generate_n(model, self.n, fn, steps, cfg_scale=self.cfg_scale, seed=seed, device=self.device, stop=stop)
+        images = generate_n(model, self.n, fn, steps, cfg_scale=self.cfg_scale, seed=seed, device=self.device,
+                            stop=stop, rank=self.rank, world=self.world)
         if images is None:
             return None
-        mu, sigma = statistics(features(self.fn, images, device=self.device))
+        feats = features(self.fn, images, device=self.device) if len(images) else np.zeros((0, self.info["dim"]))
+        mu, sigma = pooled_statistics(feats, self.device)
+        if self.rank != 0:
+            return {}
         return {"metric": fid_name(self.info, self.n), "value": frechet_distance(mu, sigma, self.mu, self.sigma),
                 "num_samples": self.n, "solver": solver, "steps": steps, "cfg_scale": self.cfg_scale, "ema": True,
                 "extractor": self.info["name"]}

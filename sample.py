@@ -21,7 +21,7 @@ from tqdm import tqdm
 import latents
 from model import build_model
 from objectives import OBJECTIVES
-from rundir import load_checkpoint, resolve_checkpoint
+from rundir import agree_to_stop, load_checkpoint, resolve_checkpoint
 from utils import HelpFormatter, UserError, autocast, first_line, number, output_file, pick_device, run_main
 
 
@@ -109,14 +109,18 @@ def guided(model, y, cfg_scale=1.0, counter=None):
     return fn
 
 
+def noise(model, n, device, generator=None):
+    """The starting points x_0 ~ N(0, I) of n samples."""
+    return torch.randn((n, model.in_channels, model.image_size, model.image_size), device=device, generator=generator)
+
+
 @torch.no_grad()
 def generate(model, labels, solver, steps, *, cfg_scale=1.0, generator=None, decode=None, counter=None):
     """Images for the given labels (B,), as uint8 (B, C, H, W), from noise drawn with generator.
     solver: a function of sampler(). The network runs under bf16 autocast on CUDA (as in
     training; dopri5 opts out, above). A latent model's outputs are turned into images in
     [-1, 1] by decode (its VAE's decoder)."""
-    shape = (labels.shape[0], model.in_channels, model.image_size, model.image_size)
-    x = torch.randn(shape, device=labels.device, generator=generator)
+    x = noise(model, labels.shape[0], labels.device, generator)
     with autocast(labels.device):
         x = solver(guided(model, labels, cfg_scale, counter), x, steps)
     if decode is not None:
@@ -125,16 +129,25 @@ def generate(model, labels, solver, steps, *, cfg_scale=1.0, generator=None, dec
 
 
 def generate_many(model, labels, solver, steps, *, batch_size=256, generator=None, progress=False, stop=None,
-                  **kwargs):
+                  rank=0, world=1, **kwargs):
     """generate() in batches for any number of labels; kwargs go to generate(). stop: train.py's
-    signal flag ({"signal": ...}); once it is raised, None is returned before the next batch."""
+    signal flag ({"signal": ...}); once it is raised (on any rank), None is returned before the
+    next batch.
+
+    rank, world: this process's share of the batches, every world-th from the rank-th (the
+    periodic FID under torchrun). The noise of the other ranks' batches is drawn and dropped, so
+    each batch starts from the noise it would have in one process: the shares together are one
+    process's images, whatever the number of GPUs. A rank without a batch gets an empty tensor."""
     chunks, device = [], next(model.parameters()).device
-    for i in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress):
-        if stop is not None and stop["signal"]:
+    for k, i in enumerate(tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress)):
+        if stop is not None and agree_to_stop(stop, device):      # every rank at every batch, in step
             return None
         y = labels[i:i + batch_size].to(device)
+        if k % world != rank:
+            noise(model, len(y), device, generator)               # another rank's batch: its noise, dropped
+            continue
         chunks.append(generate(model, y, solver, steps, generator=generator, **kwargs).cpu())
-    return torch.cat(chunks)
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
 
 
 def grid_labels(num_classes, n):

@@ -90,7 +90,7 @@ def get_args(argv=None):
         if changed:
             raise UserError(f"{', '.join(changed)}: flags of --objective {name}, not of {args.objective}")
     if args.image_size is not None and args.data not in ("folder", "latents"):
-        raise UserError(f"--image-size: only --data folder (and latents) take it")
+        raise UserError("--image-size: only --data folder (and latents) take it")
     if args.unconditional and args.sample_cfg != 1:
         raise UserError("--sample-cfg: an --unconditional model takes no labels, so no guidance")
     fid_flags = [f"--{k.replace('_', '-')}" for k in ("fid_samples", "fid_ref_stats", "fid_extractor", "inception_weights")
@@ -194,7 +194,7 @@ def main(argv=None):
     resume_path, ckpt, own = rundir.prepare(args.out, args.resume)   # checks only: it creates nothing yet
 
     # --- data (small sets live whole on the training device), model, EMA, optimiser, objective ---
-    with rank0_first(device):                       # rank 0 downloads first; if it fails, all stop
+    with rank0_first(device):                       # rank 0 downloads first; if one rank fails, all stop
         data = load_dataset(args.data, args.data_path, args.image_size).to(device)
     model, ema, opt, objective = build(args, data, device, world)
     # views: forward passes per image (1; 2 for contrastive.py's two noised copies of each image)
@@ -209,11 +209,11 @@ def main(argv=None):
     # Batches refuses a batch larger than the data: before rundir.create, so that no directory is left
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)
-    with rank0_first(device):                       # what rank 0 alone does here; if it fails, all stop
+    with rank0_first(device):                       # rank 0 first (downloads, the run directory); if one fails, all stop
         # Grids of a latent model are decoded by the set's VAE, loaded now: a VAE that cannot be
         # loaded stops the run here, not at the first grid hours later. So does a missing FID file.
         decode = data.decoder(device) if main_proc and args.sample_every and args.data == "latents" else None
-        fid_eval = fid.TrainingFID.from_args(args, data, device) if main_proc else None
+        fid_eval = fid.TrainingFID.from_args(args, data, device, rank, world)    # every rank samples its share
         # a run continued from another run directory starts a log of its own here, as a fresh one does
         rundir.create(args.out, new_log=not own, main_proc=main_proc)
         log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if own else None)

@@ -142,9 +142,10 @@ def init_distributed(device_flag="auto"):
 
 
 def all_reduce(t, op="mean"):
-    """In place over all processes ('mean', 'min' or 'max'); a no-op in a single process."""
+    """In place over all processes ('mean', 'sum', 'min' or 'max'); a no-op in a single process."""
     if dist.is_initialized():
-        dist.all_reduce(t, op={"mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(t, op={"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                               "max": dist.ReduceOp.MAX}[op])
         if op == "mean":
             t /= dist.get_world_size()
     return t
@@ -164,24 +165,33 @@ def mean_over_gpus(values):
 @contextlib.contextmanager
 def rank0_first(device):
     """The block runs on rank 0 first (a download, the run directory, a checkpoint: work that
-    rank 0 alone does, or does before the others), and the other ranks wait for it. If it fails
-    on rank 0, they stop too, with one line, instead of waiting in their next collective for a
-    process that has left (gloo's "Connection closed by peer" traceback; tested with gloo only).
-    A failure on another rank is not passed on."""
+    rank 0 alone does, or does before the others), then on the other ranks. If it fails on any
+    rank, every rank stops, each with one line, instead of waiting in its next collective for a
+    process that has left (gloo's "Connection closed by peer" traceback, or NCCL's hang until its
+    timeout). Tested with gloo only."""
     if not dist.is_initialized():
         yield
         return
-    flag = torch.zeros(1, device=device)        # 1: rank 0 failed; broadcast from rank 0 to the others
-    if dist.get_rank() != 0:
-        dist.broadcast(flag, src=0)
-        if flag.item():
-            raise UserError("stopping: rank 0 failed (its error is above)")
-        yield
-        return
-    try:
-        yield
-    except BaseException:
-        dist.broadcast(flag.fill_(1), src=0)
-        flag.item()             # wait until it is sent: NCCL only queues it, and this process is leaving
-        raise
+    rank, flag = dist.get_rank(), torch.zeros(1, device=device)
+    # 1. rank 0 runs the block, and tells the others whether it failed (1) or not (0)
+    if rank == 0:
+        try:
+            yield
+        except BaseException:
+            dist.broadcast(flag.fill_(1), src=0)
+            flag.item()         # wait until it is sent: NCCL only queues it, and this process is leaving
+            raise
     dist.broadcast(flag, src=0)
+    if flag.item():
+        raise UserError("stopping: rank 0 failed (its error is above)")
+    # 2. then the others run it, and all learn the highest rank that failed (as rank + 1; 0: none)
+    if rank != 0:
+        try:
+            yield
+        except BaseException:
+            dist.all_reduce(flag.fill_(rank + 1), op=dist.ReduceOp.MAX)
+            flag.item()
+            raise
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise UserError(f"stopping: rank {int(flag.item()) - 1} failed (its error is above)")

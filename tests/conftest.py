@@ -56,6 +56,13 @@ def run_script(*args, timeout=SUBPROCESS_TIMEOUT):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun(nproc, *args):
+    """A script under torchrun on nproc CPU processes (gloo), as a user would launch it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")    # two processes on two cores: no thread fights
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+
+
 def read_jsonl(path):
     import json
     with open(path) as f:

@@ -9,7 +9,7 @@ import torch
 
 import fid
 import train
-from conftest import make_image_folder, read_jsonl, run_script, tiny_args
+from conftest import make_image_folder, read_jsonl, run_script, tiny_args, torchrun
 from utils import UserError
 
 
@@ -167,6 +167,34 @@ def test_periodic_fid_is_logged(folder_and_classifier, tmp_path):
     recs = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "fid"]
     assert [r["step"] for r in recs] == [2, 4]
     assert all(r["metric"] == "FD-classifier-6" and np.isfinite(r["value"]) and r["num_samples"] == 6 for r in recs)
+
+
+@pytest.mark.slow
+def test_periodic_fid_under_torchrun_is_one_processs(folder_and_classifier, tmp_path):
+    """Under torchrun each of 2 ranks samples every other batch (600 samples: batches of 256, 256
+    and 88) and the feature statistics are pooled (fid.pooled_statistics): the FD logged must be
+    the one a single process computes for the same EMA weights."""
+    from data import load_dataset
+    from sample import load_model
+    root, images, clf = folder_and_classifier
+    out = tmp_path / "run"
+    r = torchrun(2, "train.py", *tiny_args(images, out, "--steps", "2", "--lr", "1e-2", "--ckpt-every", "2",
+                                           "--fid-every", "2", "--fid-samples", "600", "--fid-extractor", clf,
+                                           "--sample-steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = [rec for rec in read_jsonl(out / "metrics.jsonl") if rec["type"] == "fid"]
+    assert len(logged) == 1 and logged[0]["num_samples"] == 600
+    _, ema, _, _ = load_model(str(out / "checkpoints" / "step_0000002.pt"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # as each rank: the same arithmetic, hence the same uint8 images
+    try:
+        one = fid.TrainingFID(clf, None, None, load_dataset("folder", images).images, "cpu", 2, 600, 2)(ema, "flow", 0)
+    finally:
+        torch.set_num_threads(threads)
+    # pooled sums against np.cov differ by about 1e-11 here; each rank sampling every batch (the
+    # 1,200 samples of a duplicated set) moves the FD by 2e-7, and a rank's batch that starts from
+    # another batch's noise by 1e-3
+    assert logged[0]["value"] == pytest.approx(one["value"], rel=1e-9) and one["value"] > 0
 
 
 def test_a_signal_skips_the_periodic_fid_for_the_checkpoint(folder_and_classifier, tmp_path, monkeypatch):

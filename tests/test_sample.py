@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sample import dopri5, euler, generate, guided, heun, sampler, save_grid
+from sample import dopri5, euler, generate, generate_many, guided, heun, sampler, save_grid
 
 
 def test_constant_field_exact():
@@ -111,3 +111,23 @@ def test_generate_and_grid(tmp_path):
     grid = Image.open(tmp_path / "g.png")
     assert grid.size == (2 * 4 + 2, 3 * 4 + 2)                     # 2-pixel borders around 2 x 2 images
     assert grid.getpixel((2, 2))[0] == one_channel[0, 0, 0, 0].item()   # image 0's top-left pixel
+
+
+def test_the_ranks_shares_are_one_processs_images():
+    """Under torchrun the periodic FID samples every world-th batch on each rank (generate_many's
+    rank, world). Each batch must start from the noise it has in one process, so that the union
+    of the shares is one process's images and the FID does not depend on the number of GPUs."""
+    from model import build_model
+    torch.manual_seed(0)
+    model = build_model("DiT-Mi/4", image_size=8, num_classes=5).eval()
+    torch.nn.init.normal_(model.final.linear.weight, std=0.5)       # adaLN-Zero's output is 0: make it move
+    labels = torch.arange(10) % 5                                   # batches of 4: 4, 4, 2
+    many = lambda rank=0, world=1: generate_many(model, labels, euler, 2, batch_size=4, rank=rank, world=world,
+                                                 generator=torch.Generator().manual_seed(3))
+    one = many()
+    assert one.shape == (10, 3, 8, 8) and len(one.unique()) > 100
+    for world in (2, 3):
+        shares = [many(rank, world) for rank in range(world)]
+        batches = [b for k in range(3) for b in [shares[k % world][4 * (k // world):4 * (k // world) + 4]]]
+        assert torch.equal(torch.cat(batches), one), world
+    assert many(3, 4).shape == (0,)                                 # a rank without a batch: nothing
