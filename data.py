@@ -134,27 +134,35 @@ def _mnist_like(name, path):
     return ds
 
 
+def read_image(f, hint=""):
+    """One image file, decoded, with 8 bits per channel in the mode it was stored in (1, L, RGB,
+    P, ...): 16-bit grey keeps its high byte, where convert("L") or convert("RGB") would clip
+    everything above 255 to white. Anything unreadable is a UserError, hint added to it."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(f) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {f!r} ({e}){hint}") from None
+    if im.mode.startswith("I"):         # 16-bit grey (mode I before Pillow 10.3)
+        a = np.asarray(im)
+        if a.min() < 0 or a.max() > 65535:
+            raise UserError(f"{f!r} has 32-bit pixels (mode {im.mode}); convert it to 8 or 16 bits per channel{hint}")
+        im = Image.fromarray((a >> 8).astype(np.uint8))
+    elif im.mode == "F":
+        raise UserError(f"{f!r} has floating-point pixels; convert it to 8 or 16 bits per channel{hint}")
+    return im
+
+
 def _image_folder(path, image_size):
     """ImageFolder layout: one sub-directory per class, images inside. Everything is decoded
     once, up front. Grayscale-only sets stay 1-channel; a set mixing modes becomes RGB."""
-    from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
 
     files, classes = list_image_folder(path)
     pics, modes = [], set()
     for f, _ in tqdm(files, desc=f"decoding {len(files)} images", disable=len(files) < 5000):
-        try:
-            with Image.open(f) as im:
-                im.load()
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f"cannot read image {f!r} ({e}); remove it from --data-path") from None
-        if im.mode.startswith("I"):         # 16-bit grey (mode I before Pillow 10.3): keep the high byte,
-            a = np.asarray(im)               # where convert("L") would clip everything above 255
-            if a.min() < 0 or a.max() > 65535:
-                raise UserError(f"{f!r} has 32-bit pixels (mode {im.mode}); convert the set to 8 or 16 bits per channel")
-            im = Image.fromarray((a >> 8).astype(np.uint8))
-        elif im.mode == "F":
-            raise UserError(f"{f!r} has floating-point pixels; convert the set to 8 or 16 bits per channel")
+        im = read_image(f, "; remove it from --data-path")
         pics.append(im)
         modes.add("L" if im.mode in ("1", "L") else "RGB")
     mode = "L" if modes == {"L"} else "RGB"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import center_crop, list_image_folder
+from data import center_crop, list_image_folder, read_image
 from latents import DEFAULT_VAE, encode, load_vae
 from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
 
@@ -51,11 +51,9 @@ class CenterCrops(torch.utils.data.Dataset):
         return len(self.files) - self.start
 
     def __getitem__(self, i):
-        from PIL import Image
         try:
-            with Image.open(self.files[self.start + i]) as im:
-                im = center_crop(im.convert("RGB"), self.size)
-        except (OSError, ValueError):     # PIL's UnidentifiedImageError is an OSError
+            im = center_crop(read_image(self.files[self.start + i]).convert("RGB"), self.size)
+        except UserError:                 # unreadable: skipped, and counted
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
         return torch.from_numpy(np.array(im)).permute(2, 0, 1), True
 

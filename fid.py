@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import IMAGE_EXTS, load_dataset
+from data import IMAGE_EXTS, load_dataset, read_image
 from rundir import resolve_checkpoint
 from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
 from utils import HelpFormatter, UserError, all_reduce, first_line, number, output_file, pick_device, run_main
@@ -36,6 +36,14 @@ from utils import HelpFormatter, UserError, all_reduce, first_line, number, outp
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)   # what np.load raises on a bad .npz
+
+
+def open_npz(path, flag):
+    """np.load of an .npz archive; np.save's single array (.npy) under an .npz name is refused."""
+    z = np.load(path)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"{flag}: one array in np.save's .npy format, not an .npz archive of named arrays")
+    return z
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,7 +199,7 @@ def load_images(path):
     protocol = None
     if os.path.isfile(path) and path.endswith(".npz"):
         try:
-            with np.load(path) as z:
+            with open_npz(path, f"--samples {path!r}") as z:
                 arr = z["arr_0"] if "arr_0" in z else None
                 protocol = str(z["protocol"]) if "protocol" in z else None
         except NPZ_ERRORS as e:
@@ -207,17 +215,10 @@ def load_images(path):
             raise UserError(f"--samples {path!r}: its 'protocol' entry is not JSON (sample.py writes a JSON string)") from None
         images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     elif os.path.isdir(path):
-        from PIL import Image
         files = sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns if n.lower().endswith(IMAGE_EXTS))
         if not files:
             raise UserError(f"no images in {path!r}")
-        pics = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    pics.append(np.asarray(im.convert("RGB")))
-            except OSError as e:      # PIL's UnidentifiedImageError is an OSError
-                raise UserError(f"--samples: cannot read image {f!r} ({e})") from None
+        pics = [np.asarray(read_image(f, " (--samples)").convert("RGB")) for f in files]
         if len({p.shape for p in pics}) > 1:
             raise UserError(f"images in {path!r} differ in size")
         images = torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).contiguous()
@@ -248,7 +249,7 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
         if not os.path.isfile(stats_path):
             raise UserError(f"{flag}: no such file")
         try:
-            with np.load(stats_path) as z:
+            with open_npz(stats_path, flag) as z:
                 if "mu" not in z or "sigma" not in z:
                     raise UserError(f"{flag} needs arrays 'mu' and 'sigma'")
                 mu, sigma = z["mu"], z["sigma"]

@@ -240,13 +240,14 @@ def main(argv=None):
     a("--blocks", default="all", help="blocks to probe, counted from 1: N,M,... or 'all'")
     a("--t", default="0.9,0.5", help="noise levels, comma-separated, in [0, 1]: 1 is data, 0.9 nearly clean "
       "(diffusion checkpoints: DDPM step k = 1000 (1 - t))")
-    a("--train-samples", type=number(int, min=2), default=5000, help="training images the classifier is fitted on")
+    a("--train-samples", type=number(int, min=10), default=5000, help="training images the classifier is fitted on "
+      "(at least 10: a fifth of them chooses the weight decay)")
     a("--test-samples", type=number(int, min=1), default=2000, help="other training images it is scored on")
     a("--stats-samples", type=number(int, min=2), default=512, help="images (the first of the fitting split) for the "
       "mean squared distance and rms norm of the unpooled outputs")
     a("--weight-decay", default="1e-5,1e-4,1e-3,1e-2", help="L2 penalties of the classifier's weights (on "
       "standardised features), chosen among per row by the accuracy on a fifth of the fitting split")
-    a("--seed", type=int, default=0, help="seed of the split and of the noise")
+    a("--seed", type=number(int, min=0, max=2**63 - 1), default=0, help="seed of the split and of the noise")
     a("--batch-size", type=number(int, min=1), default=256, help="images per forward pass")
     a("--data-path", default=None, help="where the checkpoint's data set is (default: the path it was trained from)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")

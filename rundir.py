@@ -130,10 +130,14 @@ def resolve_checkpoint(path):
 
 
 def save_checkpoint(run_dir, step, state, keep):
-    """Write step's checkpoint, then delete all but the `keep` newest (0: keep all)."""
+    """Write step's checkpoint, then delete all but the `keep` newest (0: keep all) up to this
+    step. One above it is a damaged file that --resume skipped for an older one: left alone
+    (this run overwrites it when it gets there), it must not count as one of the newest, or
+    the pruning would delete the checkpoint just written and keep only the damaged one."""
     path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
     save_atomic(state, path)
-    for old in list_checkpoints(run_dir)[keep:] if keep else []:
+    ours = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step]
+    for old in ours[keep:] if keep else []:
         os.remove(old)
     return path
 
@@ -189,7 +193,11 @@ def prepare(out, resume):
         raise UserError(f"run directory {out!r} already has checkpoints; add --resume to continue it, "
                         f"or choose another --out")
     writable_dir(out)
+    _seen[os.path.realpath(out)] = list_checkpoints(out)     # create() checks them again, under the lock
     return resume_path, ckpt, own
+
+
+_seen = {}      # run directory -> its checkpoints when prepare() checked it
 
 
 _locks = {}     # run directory -> the open lock file that holds it, for as long as this process trains there
@@ -233,6 +241,11 @@ def create(out, new_log, main_proc):
         for sub in ("checkpoints", "samples"):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
         lock(out)
+        seen = _seen.get(os.path.realpath(out))
+        if seen is not None and list_checkpoints(out) != seen:
+            # another run trained there between prepare() and the lock (while this one loaded its data)
+            raise UserError(f"--out {out!r}: another run wrote checkpoints there while this one was starting; "
+                            f"start again (with --resume to continue it) or choose another --out")
         probe = os.path.join(out, "checkpoints", f".write_test{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
@@ -256,7 +269,12 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
                             f"this run's is {v!r}")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
+    # AdamW's moments come from the checkpoint, its settings from this run's flags: load_state_dict
+    # would bring back the saved betas and weight decay too, under a log that names the new ones
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
     opt.load_state_dict(ckpt["opt"])
+    for group, own_settings in zip(opt.param_groups, settings):
+        group.update(own_settings)
     torch.set_rng_state(ckpt["rng"]["torch"])
     step = ckpt["step"]
     if main_proc:

@@ -190,6 +190,55 @@ def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, capsys
     assert "skipping unreadable checkpoint" in capsys.readouterr().err
 
 
+def test_pruning_never_keeps_a_damaged_newer_checkpoint_in_place_of_the_new_one(image_folder, tmp_path, capsys):
+    """A damaged step 9 above the step 2 that --resume falls back to: the run writes step 3 and
+    prunes to 1 checkpoint. Step 9 must not count as the newest (it did: step 3 was deleted, and
+    only the damaged file was left); it is left alone, and the next --resume skips it again."""
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    with open(out / "checkpoints" / "step_0000009.pt", "wb") as f:
+        f.write(open(list_checkpoints(out)[0], "rb").read()[:1000])
+    train.main(tiny_args(image_folder, out, "--steps", "3", "--resume", "--keep-ckpts", "1"))
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["step_0000009.pt", "step_0000003.pt"]
+    assert rundir.find_resume_checkpoint(str(out))[1]["step"] == 3
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_resume_applies_changed_optimiser_flags(image_folder, tmp_path, capsys):
+    """--adam-beta2 and --weight-decay changed on --resume: AdamW's moments come from the
+    checkpoint, its settings from the flags (load_state_dict alone brought the old ones back,
+    while the log recorded the new ones)."""
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    train.main(tiny_args(image_folder, out, "--steps", "3", "--resume", "--adam-beta2", "0.95", "--weight-decay", "0.1"))
+    assert "resuming with changed --adam-beta2, --weight-decay" in capsys.readouterr().err
+    ck = load_checkpoint(list_checkpoints(out)[0])
+    assert ck["step"] == 3 and ck["args"]["adam_beta2"] == 0.95
+    assert [(g["betas"], g["weight_decay"]) for g in ck["opt"]["param_groups"]] == [((0.9, 0.95), 0.1)]
+    assert len(ck["opt"]["state"]) > 0 and all(s["step"] == 3 for s in ck["opt"]["state"].values())
+
+
+def test_a_run_that_trained_into_out_while_this_one_started_is_not_overwritten(image_folder, tmp_path, monkeypatch):
+    """prepare() checks --out before the data is loaded; create() takes the lock after. Another
+    run that trained there in between (it finished and let go of the lock) must not have its
+    checkpoints overwritten and its log moved aside: create() checks again, under the lock."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    real_create = rundir.create
+
+    def another_run_first(*args, **kwargs):
+        monkeypatch.setattr(rundir, "create", real_create)
+        train.main(tiny_args(image_folder, out, "--steps", "2", "--seed", "7"))      # the other run, start to end
+        return real_create(*args, **kwargs)
+    train.main(tiny_args(image_folder, other, "--steps", "1"))                        # the control: no error
+    monkeypatch.setattr(rundir, "create", another_run_first)
+    before = {p: open(p, "rb").read() for p in list_checkpoints(out)}
+    with pytest.raises(UserError, match="another run wrote checkpoints there while this one was starting"):
+        train.main(tiny_args(image_folder, out, "--steps", "1"))
+    assert [os.path.basename(p) for p in list_checkpoints(out)] == ["step_0000002.pt"]
+    assert load_checkpoint(list_checkpoints(out)[0])["args"]["seed"] == 7 and not before
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == [2]
+
+
 def test_resume_after_a_torn_log_line_and_from_the_run_directory(image_folder, tmp_path):
     out = tmp_path / "run"
     train.main(tiny_args(image_folder, out, "--steps", "2"))
@@ -332,6 +381,60 @@ def test_bad_data_inputs(tmp_path):
     odd = make_image_folder(tmp_path / "odd", size=18)
     assert "not divisible by the patch size" in bad(tmp_path, "--data", "folder", "--data-path", odd, "--model", "DiT-Mi/4", *out)
     assert not (tmp_path / "o").exists()        # none of these failed starts left a run directory
+
+
+def test_an_image_too_large_to_decode_is_one_line(tmp_path, monkeypatch):
+    """PIL refuses images over twice its MAX_IMAGE_PIXELS (a decompression bomb) with an error of
+    its own, not an OSError: one line, in train.py's folder loader as in fid.py's."""
+    import fid
+    from PIL import Image
+    from data import load_dataset
+    folder = make_image_folder(tmp_path / "big", per_class=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)          # 16 x 16 = 256 pixels: over twice that
+    with pytest.raises(UserError, match=r"cannot read image .*000.png.*exceeds limit.*remove it from --data-path"):
+        load_dataset("folder", folder)
+    with pytest.raises(UserError, match=r"cannot read image .*exceeds limit.*\(--samples\)"):
+        fid.load_images(os.path.join(folder, "class0"))
+
+
+def test_fid_reads_16_bit_grey_images_as_train_py_does(tmp_path):
+    """fid.py --samples DIR went through convert("RGB"), which clips 16-bit grey to white; it now
+    reads them as data.py does (the high byte)."""
+    import fid
+    import numpy as np
+    from PIL import Image
+    grey16 = (np.arange(16 * 16).reshape(16, 16) * 256 + 255).astype(np.uint16)    # high bytes 0..255
+    for i in range(2):
+        Image.fromarray(grey16).save(tmp_path / f"{i}.png")
+    images, _ = fid.load_images(str(tmp_path))
+    assert images.shape == (2, 3, 16, 16) and images[0, 1].flatten().tolist() == list(range(256))
+
+
+def test_an_npy_file_named_npz_is_one_line(tmp_path):
+    """np.load of np.save's single array gives an ndarray, not an archive: `with` on it raised a
+    TypeError from deep inside fid.py."""
+    import fid
+    import numpy as np
+    np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    os.replace(tmp_path / "x.npy", tmp_path / "x.npz")
+    with pytest.raises(UserError, match=r"--samples .*x.npz.*in np.save's .npy format, not an .npz archive"):
+        fid.load_images(str(tmp_path / "x.npz"))
+    with pytest.raises(UserError, match=r"--ref-stats .*x.npz.*in np.save's .npy format"):
+        fid.reference_stats(None, {"name": "fd-classifier", "dim": 8}, stats_path=str(tmp_path / "x.npz"))
+
+
+def test_probe_sizes_and_seeds_are_bounded_by_their_flags(tmp_path, capsys):
+    """A probe fitted on 2 images (a fifth of them chooses the weight decay: 1 image, whose std is
+    NaN) ended in L-BFGS's overflow; a seed beyond 64 bits in the generator's. Now argparse says so."""
+    import ab
+    import probe
+    for main, argv, flag in [(probe.main, ["--ckpt", "x", "--train-samples", "2"], "--train-samples"),
+                             (probe.main, ["--ckpt", "x", "--seed", str(2 ** 64)], "--seed"),
+                             (ab.main, ["--compare", "x", "--probe-train-samples", "2"], "--probe-train-samples"),
+                             (ab.main, ["--compare", "x", "--sample-seed", str(2 ** 64)], "--sample-seed")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and f"argument {flag}: must be an integer >= " in capsys.readouterr().err
 
 
 def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
