@@ -53,7 +53,7 @@ from objectives import OBJECTIVES
 from plots import DEFAULTS, arm_of, arm_order, read_log
 from rundir import changed_flags, checkpoint_step, list_checkpoints, load_checkpoint
 from sample import load_model, sampler
-from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
+from utils import HelpFormatter, UserError, atomic_output, number, pick_device, run_main, writable_dir
 
 # The arms: train.py flags on top of the common ones; the regularised two also get one
 # combination of the swept settings (sweep).
@@ -383,9 +383,9 @@ def main(argv=None):
     rows = [evaluate(d, args, cache) for d in run_dirs]
     md = table(rows)
     os.makedirs(args.root, exist_ok=True)
-    with open(os.path.join(args.root, "ab.md"), "w") as f:
+    with atomic_output(os.path.join(args.root, "ab.md"), mode="w") as f:
         f.write(md + "\n")
-    with open(os.path.join(args.root, "ab.json"), "w") as f:
+    with atomic_output(os.path.join(args.root, "ab.json"), mode="w") as f:
         json.dump({"rows": rows, "train_args": train_args, "steps": args.steps, "eval_samples": args.eval_samples,
                    "eval_data_path": args.eval_data_path,
                    "extractor": args.extractor if args.eval_samples else None, "cfg_scale": args.cfg_scale,

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from data import IMAGE_EXTS, load_dataset, read_image
 from rundir import resolve_checkpoint
 from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
-from utils import HelpFormatter, UserError, all_reduce, first_line, number, output_file, pick_device, run_main
+from utils import (HelpFormatter, UserError, all_reduce, atomic_output, first_line, number, output_file, pick_device,
+                   run_main)
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -283,7 +284,8 @@ def check_size(size, ref):
 
 
 def save_stats(path, mu, sigma, info):
-    np.savez(path, mu=mu, sigma=sigma, extractor=info["name"])
+    with atomic_output(path, f"--save-ref-stats {path!r}") as f:
+        np.savez(f, mu=mu, sigma=sigma, extractor=info["name"])
 
 
 def fid_name(info, n):
@@ -393,9 +395,10 @@ def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
         pred = torch.cat([net(ds.images[val[i:i + 500]].to(device)).argmax(1).cpu() for i in range(0, n_val, 500)])
     acc = (pred == ds.labels[val]).float().mean().item()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save({"kind": "fd-classifier", "state": {k: v.cpu() for k, v in net.state_dict().items()},
-                "in_channels": ds.shape[0], "num_classes": ds.num_classes, "data": data,
-                "held_out_accuracy": acc, "epochs": epochs, "seed": seed}, out)
+    with atomic_output(out, f"--train-classifier {out!r}") as f:
+        torch.save({"kind": "fd-classifier", "state": {k: v.cpu() for k, v in net.state_dict().items()},
+                    "in_channels": ds.shape[0], "num_classes": ds.num_classes, "data": data,
+                    "held_out_accuracy": acc, "epochs": epochs, "seed": seed}, f)
     return acc
 
 
@@ -489,7 +492,7 @@ def main(argv=None):
               "feature_extractor": info, "generation": generation, "frechet_distance": "fid.py (eigvalsh)",
               "seconds": round(time.time() - t0, 1),
               "versions": {"torch": str(torch.__version__), "python": platform.python_version()}}
-    with open(out, "w") as f:
+    with atomic_output(out, f"--out {out!r}", mode="w") as f:
         json.dump(result, f, indent=1)
     print(f"{result['metric']}: {value:.3f}  ({out})")
     return result

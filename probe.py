@@ -48,7 +48,7 @@ from objectives import OBJECTIVES
 from plots import arm_of
 from rundir import resolve_checkpoint
 from sample import load_model
-from utils import HelpFormatter, UserError, autocast, number, output_file, pick_device, run_main
+from utils import HelpFormatter, UserError, atomic_output, autocast, number, output_file, pick_device, run_main
 
 
 # ----------------------------------------------------------------------------------------
@@ -212,11 +212,8 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
               "device": str(device)}
     if out is not False:
         out = out or ckpt_path + ".probe.json"
-        try:
-            with open(out, "w") as f:
-                json.dump(result, f, indent=1)
-        except OSError as e:
-            raise UserError(f"cannot write the probe's result to {out!r}: {e.strerror}") from None
+        with atomic_output(out, f"the probe's result {out!r}", mode="w") as f:
+            json.dump(result, f, indent=1)
         result["out"] = out
     return result
 

@@ -28,7 +28,7 @@ try:
 except ImportError:
     fcntl = None
 
-from utils import UserError, all_reduce, first_line, writable_dir
+from utils import UserError, all_reduce, atomic_output, first_line, writable_dir
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # Flags that change where and how often a run writes, not what it trains: changing them on
@@ -49,24 +49,10 @@ def changed_flags(saved, now):
 # ----------------------------------------------------------------------------------------
 
 def save_atomic(obj, path):
-    """torch.save to path.tmp, fsync, rename. On failure (disk full, permissions) the
-    temporary file is removed, the previous checkpoints are untouched, and a UserError says so."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)                # make the rename itself durable
-        finally:
-            os.close(dfd)
-    except (OSError, RuntimeError) as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise UserError(f"could not write checkpoint {path!r} ({e}); earlier checkpoints are intact") from None
+    """torch.save through utils.atomic_output: on failure (disk full, permissions) the previous
+    checkpoints are untouched, and a UserError says so."""
+    with atomic_output(path, f"checkpoint {path!r}", "; earlier checkpoints are intact") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -325,8 +311,12 @@ class Logger:
 
     def __call__(self, **record):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UserError(f"could not write the log {self.path!r} ({e.strerror}); the checkpoints written "
+                                f"so far are intact: make room, then continue with --resume") from None
 
 
 @contextlib.contextmanager

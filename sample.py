@@ -22,7 +22,8 @@ import latents
 from model import build_model
 from objectives import OBJECTIVES
 from rundir import agree_to_stop, load_checkpoint, resolve_checkpoint
-from utils import HelpFormatter, UserError, autocast, first_line, number, output_file, pick_device, run_main
+from utils import (HelpFormatter, UserError, atomic_output, autocast, first_line, number, output_file, pick_device,
+                   run_main)
 
 
 # ----------------------------------------------------------------------------------------
@@ -159,11 +160,12 @@ def grid_labels(num_classes, n):
 
 
 def save_grid(images_uint8, path, nrow):
-    """A PNG grid with 2-pixel borders (torchvision's make_grid)."""
+    """A PNG grid with 2-pixel borders (torchvision's make_grid), written atomically."""
     # imported here, not at the top: torchvision takes seconds to import, and the scripts that
     # import this file for its sampler (fid.py, ab.py, probe.py, bench.py) save no grids
     from torchvision.utils import save_image
-    save_image(images_uint8.float() / 255, path, nrow=nrow, padding=2)
+    with atomic_output(path) as f:
+        save_image(images_uint8.float() / 255, f, nrow=nrow, padding=2, format="png")
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,8 +281,9 @@ def main(argv=None):
         protocol = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": args.solver,
                     "steps": args.steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed,
                     "nfe_per_batch": counter["nfe"] / batches}
-        np.savez(args.out, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy(),
-                 protocol=np.array(json.dumps(protocol)))
+        with atomic_output(args.out, f"--out {args.out!r}") as f:
+            np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy(),
+                     protocol=np.array(json.dumps(protocol)))
     else:
         save_grid(images, args.out, nrow)
     print(f"wrote {n} images to {args.out}")

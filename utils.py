@@ -87,6 +87,32 @@ def output_file(path, flag="--out", suffixes=None):
     return path
 
 
+@contextlib.contextmanager
+def atomic_output(path, what=None, after="", mode="wb"):
+    """A file object for path's new contents, written to path.tmp<pid> beside it and renamed over
+    path only once complete and on disk: a full disk or a kill never leaves a torn file, nor
+    destroys the one there before. On failure, one line: could not write <what> (<error>)<after>."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):          # make the rename itself durable (POSIX)
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):     # RuntimeError: torch.save's writer, on a full disk
+            raise UserError(f"could not write {what or repr(path)} ({e}){after}") from None
+        raise
+
+
 def pick_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():

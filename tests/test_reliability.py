@@ -360,6 +360,45 @@ def test_disk_full_during_checkpoint_write(image_folder, tmp_path, monkeypatch):
     assert not glob.glob(str(out / "checkpoints" / "*.tmp*"))
 
 
+def test_disk_full_while_logging_or_writing_samples(image_folder, tmp_path, monkeypatch):
+    """The log: one line naming it, not a traceback from json's write. sample.py's .npz and
+    grids go through utils.atomic_output: a full disk leaves the file that was there whole."""
+    import builtins
+    import numpy as np
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    real_open = builtins.open
+
+    def full_log(path, mode="r", *a, **k):        # the disk fills up after the config line
+        if str(path).endswith("metrics.jsonl") and mode == "a":
+            appends.append(path)
+            if len(appends) > 2:
+                raise OSError(28, "No space left on device")
+        return real_open(path, mode, *a, **k)
+    appends = []
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", full_log)
+        with pytest.raises(UserError, match=r"could not write the log .*metrics.jsonl.*No space left.*--resume"):
+            train.main(tiny_args(image_folder, out, "--steps", "4", "--resume"))
+
+    ckpt, npz, png = list_checkpoints(out)[0], tmp_path / "s.npz", tmp_path / "g.png"
+    sample.main(["--ckpt", ckpt, "--steps", "1", "--num-samples", "3", "--out", str(npz), "--device", "cpu"])
+    sample.main(["--ckpt", ckpt, "--steps", "1", "--out", str(png), "--device", "cpu"])
+    before = npz.read_bytes(), png.read_bytes()
+
+    def full_disk(f, *a, **k):
+        f.write(b"x" * 4096)
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", full_disk)
+        with pytest.raises(UserError, match=r"could not write --out .*s.npz.*No space left"):
+            sample.main(["--ckpt", ckpt, "--steps", "1", "--num-samples", "3", "--out", str(npz), "--device", "cpu"])
+        m.setattr(sample, "atomic_output", lambda *a, **k: pytest.fail("not atomic"))   # the grid's path too
+        with pytest.raises(BaseException, match="not atomic"):
+            sample.main(["--ckpt", ckpt, "--steps", "1", "--out", str(png), "--device", "cpu"])
+    assert (npz.read_bytes(), png.read_bytes()) == before and not glob.glob(str(tmp_path / "*.tmp*"))
+
+
 # ---- bad input: one clear line, exit status 2, nothing written is lost -------------------
 
 def bad(tmp_path, *args, script="train.py"):
