@@ -97,12 +97,20 @@ class LatentSet:
         if image_size and image_size != meta["image_size"]:
             raise UserError(f"the latents in {path!r} were encoded from {meta['image_size']} px images; --image-size "
                             f"{image_size} cannot change that (encode again with encode_latents.py --image-size {image_size})")
-        if self.moments.ndim != 5 or self.moments.shape[1] != 2 or len(labels) != len(self.moments):
+        if self.moments.ndim != 5 or self.moments.shape[1] != 2 or labels.ndim != 1 or len(labels) != len(self.moments):
             raise UserError(f"{path!r}: moments.npy {self.moments.shape} and labels.npy {labels.shape} do not match")
+        classes, scale, size = meta["classes"], meta["scale_factor"], meta["image_size"]
+        if not isinstance(classes, list) or not classes or not isinstance(scale, (int, float)) \
+                or not isinstance(size, int) or scale <= 0 or size <= 0:
+            raise UserError(f"{meta_path!r}: classes must be a non-empty list, scale_factor and image_size positive "
+                            f"numbers; got {classes!r:.60}, {scale!r}, {size!r}: re-run encode_latents.py")
+        if len(labels) and (labels.dtype.kind not in "iu" or not 0 <= labels.min() <= labels.max() < len(classes)):
+            raise UserError(f"{path!r}: labels.npy must hold integers in 0..{len(classes) - 1} (meta.json's "
+                            f"{len(classes)} classes), got {labels.dtype} in {labels.min()}..{labels.max()}")
         self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.classes = list(meta["classes"])
+        self.classes = list(classes)
         self.num_classes = len(self.classes)
-        self.scale_factor = float(meta["scale_factor"])
+        self.scale_factor = float(scale)
         # What sample.py needs to turn this model's outputs into images; saved in checkpoints.
         self.vae = {"name": meta["vae"], "scale_factor": self.scale_factor, "image_size": int(meta["image_size"])}
         self.device = torch.device("cpu")

@@ -24,6 +24,7 @@ Everything MeanFlow needs is in this file: its model (a DiT subclass), its loss,
 step and its flags. Deleting it, its test file and its line in objectives.py removes it.
 """
 import contextlib
+import warnings
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -31,6 +32,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from loss import Dispersive, FlowMatching, drop_labels, interpolate
 from model import DiT, TimestepEmbedder
 from utils import UserError, number
+
+# PyTorch's forward-mode AD (torch.func.jvp) scripts its own decompositions at its first use and
+# warns that torch.jit.script is deprecated (torch 2.14): nothing of ours, and nothing to change here
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
 
 class MeanFlowDiT(DiT):

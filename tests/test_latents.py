@@ -235,3 +235,27 @@ def test_resume_refuses_damaged_output(latents, images, vae_dir, tmp_path, monke
 def test_pixel_path_does_not_import_diffusers():
     r = run_script("-c", "import sys, data, sample, train; assert 'diffusers' not in sys.modules, 'imported'")
     assert r.returncode == 0, r.stderr
+
+
+def test_labels_and_meta_that_do_not_fit_are_one_line(tmp_path):
+    """A hand-made or damaged latent set: labels outside meta.json's classes ended in the label
+    table's IndexError at the first step (a run directory left behind); a bad meta.json in
+    float()'s ValueError."""
+    def latent_set(labels, **meta):
+        d = tmp_path / f"set{len(os.listdir(tmp_path))}"
+        d.mkdir()
+        np.save(d / "moments.npy", np.zeros((len(labels), 2, 4, 2, 2), np.float16))
+        np.save(d / "labels.npy", np.asarray(labels))
+        meta = {"vae": "v", "scale_factor": 0.18215, "image_size": 16, "classes": ["a", "b"],
+                "num_images": len(labels), "done": len(labels), **meta}
+        (d / "meta.json").write_text(json.dumps(meta))
+        return str(d)
+    assert LatentSet(latent_set([0, 1, 1])).num_classes == 2                  # the control
+    for labels, match in [([0, 7, 1], r"labels.npy must hold integers in 0..1 .*int64 in 0..7"),
+                          ([0, -1], r"int64 in -1..0"), ([0.0, 1.5], r"float64"),
+                          ([[0], [1]], r"labels.npy \(2, 1\) do not match")]:
+        with pytest.raises(UserError, match=match):
+            LatentSet(latent_set(labels))
+    for meta in ({"scale_factor": "x"}, {"image_size": "big"}, {"classes": []}):
+        with pytest.raises(UserError, match="classes must be a non-empty list, scale_factor and image_size positive"):
+            LatentSet(latent_set([0, 1], **meta))
