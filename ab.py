@@ -322,6 +322,12 @@ def get_args(argv=None):
     writable_dir(args.root, "--root")
     if args.eval_samples == 1:
         raise UserError("--eval-samples must be 0 or at least 2")
+    unused = [f for f, d in (("--extractor", fid.INCEPTION), ("--inception-weights", None), ("--ref-stats", None),
+                             ("--sample-steps", None), ("--cfg-scale", 1.0)) if getattr(args, f[2:].replace("-", "_")) != d]
+    if unused and not args.eval_samples:
+        raise UserError(f"{', '.join(unused)}: flags of the evaluation samples, which only --eval-samples N turns on")
+    if args.cfg_scale != 1 and "--unconditional" in train_args:
+        raise UserError("--cfg-scale: these runs train --unconditional models, which take no labels, so no guidance")
     args.probe_t = probe.parse_floats(args.probe_t, "--probe-t")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARMS for a in arms):
@@ -379,6 +385,8 @@ def main(argv=None):
 
     args.device = pick_device(args.eval_device)
     check_comparable(run_dirs, args.eval_data_path)
+    if args.cfg_scale != 1 and any(read_log(d)[0]["args"].get("unconditional") for d in run_dirs):
+        raise UserError("--cfg-scale: these runs trained --unconditional models, which take no labels, so no guidance")
     cache = {}
     rows = [evaluate(d, args, cache) for d in run_dirs]
     md = table(rows)

@@ -465,6 +465,9 @@ def main(argv=None):
     t0 = time.time()
     if args.ckpt:
         ckpt, model, objective, decode = load_model(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)
+        if args.cfg_scale != 1 and not model.num_classes:
+            raise UserError("--cfg-scale: this checkpoint's model is unconditional (trained with --unconditional): "
+                            "it takes no labels, so no guidance")
         solve, solver, steps = sampler(objective, args.solver, args.steps)
     else:
         images, generation = load_images(args.samples)

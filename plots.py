@@ -53,10 +53,14 @@ def read_log(run_dir):
     recs = []
     for i, line in enumerate(lines):
         try:
-            recs.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             if i < len(lines) - 1:      # a torn last line is what a killed run leaves: skip it
                 raise UserError(f"{path!r}: line {i + 1} is not JSON") from None
+            continue
+        if not isinstance(rec, dict):
+            raise UserError(f"{path!r}: line {i + 1} is not a JSON object (train.py writes one per line)")
+        recs.append(rec)
     if not recs or recs[0].get("type") != "config":
         raise UserError(f"{path!r} does not start with a config line")
     return recs[0], [r for r in recs if r.get("type") == "train"], [r for r in recs if r.get("type") == "fid"]

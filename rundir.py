@@ -155,6 +155,7 @@ def prepare(out, resume):
     checkpoint, own): the checkpoint to resume from, or (None, None, False) for a fresh run, which
     must not land on an existing run's checkpoints; own is true when the checkpoint is out's own
     (the run continues its history there), false when it comes from another run directory."""
+    writable_dir(out)
     resume_path, ckpt, own = None, None, False
     if resume is not None:
         resume_path, ckpt = find_resume_checkpoint(resume or out)
@@ -178,7 +179,6 @@ def prepare(out, resume):
     elif list_checkpoints(out):
         raise UserError(f"run directory {out!r} already has checkpoints; add --resume to continue it, "
                         f"or choose another --out")
-    writable_dir(out)
     _seen[os.path.realpath(out)] = list_checkpoints(out)     # create() checks them again, under the lock
     return resume_path, ckpt, own
 

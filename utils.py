@@ -68,7 +68,10 @@ def number(kind=float, min=None, max=None, above=None, below=None):
 
 def writable_dir(path, flag="--out", given=None):
     """Check, creating nothing, that directory `path` exists or can be made, and can be written
-    (`given`: the flag's value, when path is the directory of a file)."""
+    (`given`: the flag's value, when path is the directory of a file). An empty path (an unset
+    shell variable, say) is refused: it would be the current directory."""
+    if not path:
+        raise UserError(f"{flag} {path!r}: give a directory (an empty path would write into the current one)")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):                 # the nearest part of the path that exists
         existing = os.path.dirname(existing)

@@ -1,6 +1,7 @@
 """ab.py: every arm on a tiny budget with the same data order and noise, a table that is the
 statistics of its rows, --compare."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -113,6 +114,30 @@ def test_ab_bad_input(tmp_path):
         ab.main(["--steps", "2", "--arms", "baseline,nope", "--root", str(tmp_path)])
     with pytest.raises(UserError, match="--seeds '': give at least one seed"):
         ab.main(["--steps", "2", "--seeds", "", "--root", str(tmp_path)])
+    # the evaluation's flags without --eval-samples did nothing, silently
+    with pytest.raises(UserError, match="--ref-stats, --cfg-scale: flags of the evaluation samples, which only"):
+        ab.main(["--steps", "2", "--ref-stats", "r.npz", "--cfg-scale", "2", "--root", str(tmp_path)])
+    with pytest.raises(UserError, match="--cfg-scale: these runs train --unconditional models"):
+        ab.main(["--steps", "2", "--eval-samples", "4", "--cfg-scale", "2", "--root", str(tmp_path), "--",
+                 "--unconditional"])
+
+
+def test_guidance_of_unconditional_runs_is_refused_before_the_work(image_folder, tmp_path, monkeypatch):
+    """fid.py --ckpt and ab.py --compare of an --unconditional model with --cfg-scale: sample.py
+    refused it, these two sampled unguided and recorded the scale."""
+    import fid
+    root = str(tmp_path / "ab")
+    ab.main(["--steps", "1", "--arms", "baseline", "--root", root, "--", *ab_train_args(image_folder), "--unconditional"])
+    monkeypatch.setattr(fid, "generate_n", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(UserError, match="--cfg-scale: these runs trained --unconditional models"):
+        ab.main(["--compare", os.path.join(root, "baseline_s0"), "--eval-samples", "4", "--cfg-scale", "2",
+                 "--root", root])
+    clf = str(tmp_path / "clf.pt")
+    fid.main(["--train-classifier", clf, "--ref-data", "folder", "--ref-data-path", image_folder,
+              "--classifier-epochs", "1", "--device", "cpu"])
+    with pytest.raises(UserError, match="--cfg-scale: this checkpoint's model is unconditional"):
+        fid.main(["--ckpt", os.path.join(root, "baseline_s0"), "--cfg-scale", "2", "--extractor", clf, "--ref-data",
+                  "folder", "--ref-data-path", image_folder, "--device", "cpu"])
 
 
 def test_ab_refuses_runs_trained_past_its_steps(image_folder, tmp_path):

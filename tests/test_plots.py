@@ -130,3 +130,6 @@ def test_a_torn_last_line_is_skipped(runs, tmp_path):
     (tmp_path / "bad" / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:20]] + lines[2:]) + "\n")
     with pytest.raises(UserError, match="line 2 is not JSON"):
         plots.read_log(str(tmp_path / "bad"))
+    (tmp_path / "bad" / "metrics.jsonl").write_text("\n".join([lines[0], "[1, 2]"] + lines[1:]) + "\n")
+    with pytest.raises(UserError, match="line 2 is not a JSON object"):
+        plots.read_log(str(tmp_path / "bad"))

@@ -541,6 +541,9 @@ def test_bad_flags_in_a_subprocess(image_folder, tmp_path):
 def test_unwritable_output_and_existing_run(image_folder, tmp_path):
     (tmp_path / "file").write_text("x")
     assert "cannot write to --out" in bad(tmp_path, *tiny_args(image_folder, tmp_path / "file" / "run", "--steps", "1"))
+    # an empty --out (an unset $OUT) would be the current directory: the repository's root here
+    assert "--out '': give a directory" in bad(tmp_path, *tiny_args(image_folder, "", "--steps", "1"))
+    assert not os.path.exists(os.path.join(ROOT, "metrics.jsonl"))
     out = tmp_path / "run"
     train.main(tiny_args(image_folder, out, "--steps", "2"))
     before = open(list_checkpoints(out)[0], "rb").read()
