@@ -10,6 +10,7 @@ GPUs (each rank takes its share of the same global batch).
 import contextlib
 import gzip
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -160,6 +161,9 @@ def _image_folder(path, image_size):
     from tqdm import tqdm
 
     files, classes = list_image_folder(path)
+    if len(classes) == 1:
+        print(f"warning: --data-path {path!r} has one class folder, {classes[0]!r}: one class for every image "
+              f"(if the class folders are inside it, point --data-path there)", file=sys.stderr)
     pics, modes = [], set()
     for f, _ in tqdm(files, desc=f"decoding {len(files)} images", disable=len(files) < 5000):
         im = read_image(f, "; remove it from --data-path")

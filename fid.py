@@ -266,6 +266,8 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
         if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu" or not np.isfinite(mu).all() \
                 or not np.isfinite(sigma).all():
             raise UserError(f"{flag}: mu and sigma must be finite numbers, not NaN, inf or {mu.dtype} / {sigma.dtype}")
+        if (np.diag(sigma) < 0).any() or not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8):
+            raise UserError(f"{flag}: sigma is not a covariance matrix (it is not symmetric, or has negative variances)")
         return mu, sigma, {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
     ds = load_dataset(data, data_path, flags=("--ref-data", "--ref-data-path"))
     if ds.images is None or ds.images.dtype != torch.uint8:

@@ -260,6 +260,8 @@ def truncate(path):
     ("sigma_1d", r"sigma \(128,\) do not fit .* need mu \(128,\) and sigma \(128, 128\)"),
     ("wrong_dim", r"mu \(64,\) and sigma \(64, 64\) do not fit the 128-d features"),
     ("nan", "finite"),
+    ("negative", "sigma is not a covariance matrix"),
+    ("asymmetric", "sigma is not a covariance matrix"),
     ("truncated", "cannot read"),
     ("ref_data", r"^--ref-data-path '[^']*nowhere' is not a directory"),     # fid.py's flag, not train.py's
 ])
@@ -267,7 +269,8 @@ def test_reference_is_checked_before_sampling(folder_and_classifier, ckpt, tmp_p
     root, images, clf = folder_and_classifier
     mu, sigma, path = np.zeros(128), np.eye(128), str(tmp_path / "ref.npz")
     arrays = {"no_sigma": dict(mu=mu), "sigma_1d": dict(mu=mu, sigma=np.ones(128)), "nan": dict(mu=mu * np.nan, sigma=sigma),
-              "wrong_dim": dict(mu=mu[:64], sigma=sigma[:64, :64]), "truncated": dict(mu=mu, sigma=sigma)}.get(case)
+              "wrong_dim": dict(mu=mu[:64], sigma=sigma[:64, :64]), "truncated": dict(mu=mu, sigma=sigma),
+              "negative": dict(mu=mu, sigma=-sigma), "asymmetric": dict(mu=mu, sigma=sigma + np.triu(sigma, 1) + 0.1 * np.eye(128, k=1))}.get(case)
     if arrays:
         np.savez(path, **arrays)
     if case == "truncated":

@@ -476,6 +476,18 @@ def test_probe_sizes_and_seeds_are_bounded_by_their_flags(tmp_path, capsys):
         assert e.value.code == 2 and f"argument {flag}: must be an integer >= " in capsys.readouterr().err
 
 
+def test_an_image_folder_of_one_class_warns(tmp_path, capsys):
+    """--data-path at the parent of the class folders (an unzipped set's root holding train/):
+    ImageFolder's layout makes it one class. Not an error (an unconditional set is one class),
+    but said."""
+    from data import load_dataset
+    make_image_folder(tmp_path / "set" / "train", classes=1, per_class=2)
+    assert load_dataset("folder", str(tmp_path / "set")).num_classes == 1
+    assert "has one class folder, 'train'" in capsys.readouterr().err
+    load_dataset("folder", make_image_folder(tmp_path / "two", classes=2, per_class=2))
+    assert "one class folder" not in capsys.readouterr().err
+
+
 def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
     from data import load_dataset
     root = make_image_folder(tmp_path / "mixed", per_class=2)
