@@ -302,14 +302,16 @@ def get_args(argv=None):
     a("--sample-steps", type=number(int, min=1), default=None, help="solver steps for the evaluation samples "
       "(default: the objective's)")
     a("--cfg-scale", type=number(float), default=1.0, help="guidance scale of the evaluation samples")
-    a("--sample-seed", type=number(int, min=0, max=2**63 - 1), default=0, help="noise seed for the evaluation samples (the same for every run)")
+    a("--sample-seed", type=number(int, min=0, max=2**63 - 1), default=0, help="noise seed for the evaluation "
+      "samples (the same for every run)")
     a("--eval-data-path", default=None, help="where the runs' data set is on this machine, if not where they "
       "were trained from (runs copied from another machine)")
     a("--eval-device", default="auto", help="device for the evaluation: auto, cpu, cuda, cuda:N, mps")
     a("--probe", action="store_true", help="also a linear probe of every block of each run's newest checkpoint "
       "(probe.py): columns probe_best_t<t> and probe_reg_t<t>, and <root>/probe.png")
     a("--probe-t", default="0.9,0.5", help="the probe's noise levels, comma-separated, in [0, 1] (1 = data)")
-    a("--probe-train-samples", type=number(int, min=10), default=5000, help="training images the probe is fitted on (at least 10)")
+    a("--probe-train-samples", type=number(int, min=10), default=5000, help="training images the probe is fitted "
+      "on (at least 10)")
     a("--probe-test-samples", type=number(int, min=1), default=2000, help="other training images it is scored on")
     args, train_args = p.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]     # train.py's flags, wherever "--" stood
@@ -322,8 +324,9 @@ def get_args(argv=None):
     writable_dir(args.root, "--root")
     if args.eval_samples == 1:
         raise UserError("--eval-samples must be 0 or at least 2")
-    unused = [f for f, d in (("--extractor", fid.INCEPTION), ("--inception-weights", None), ("--ref-stats", None),
-                             ("--sample-steps", None), ("--cfg-scale", 1.0)) if getattr(args, f[2:].replace("-", "_")) != d]
+    evaluation = {"--extractor": fid.INCEPTION, "--inception-weights": None, "--ref-stats": None,
+                  "--sample-steps": None, "--cfg-scale": 1.0, "--sample-seed": 0}      # flags and their defaults
+    unused = [f for f, default in evaluation.items() if getattr(args, f[2:].replace("-", "_")) != default]
     if unused and not args.eval_samples:
         raise UserError(f"{', '.join(unused)}: flags of the evaluation samples, which only --eval-samples N turns on")
     if args.cfg_scale != 1 and "--unconditional" in train_args:

@@ -53,7 +53,7 @@ class CenterCrops(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             im = center_crop(read_image(self.files[self.start + i]).convert("RGB"), self.size)
-        except UserError:                 # unreadable: skipped, and counted
+        except (UserError, OSError, ValueError):      # unreadable: skipped, and counted
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
         return torch.from_numpy(np.array(im)).permute(2, 0, 1), True
 

@@ -71,8 +71,6 @@ def pooled_statistics(feats, device):
     sums = torch.cat([torch.tensor([float(len(f))], dtype=torch.float64), f.sum(0), (f.T @ f).flatten()])
     sums = all_reduce(sums.to(device), "sum").cpu().numpy()
     n, mu = sums[0], sums[1:D + 1] / sums[0]
-    if n < 2:
-        raise UserError(f"need at least 2 images for a covariance, got {int(n)}")
     return mu, (sums[D + 1:].reshape(D, D) - n * np.outer(mu, mu)) / (n - 1)
 
 
@@ -397,10 +395,11 @@ def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
         pred = torch.cat([net(ds.images[val[i:i + 500]].to(device)).argmax(1).cpu() for i in range(0, n_val, 500)])
     acc = (pred == ds.labels[val]).float().mean().item()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    state = {"kind": "fd-classifier", "state": {k: v.cpu() for k, v in net.state_dict().items()},
+             "in_channels": ds.shape[0], "num_classes": ds.num_classes, "data": data,
+             "held_out_accuracy": acc, "epochs": epochs, "seed": seed}
     with atomic_output(out, f"--train-classifier {out!r}") as f:
-        torch.save({"kind": "fd-classifier", "state": {k: v.cpu() for k, v in net.state_dict().items()},
-                    "in_channels": ds.shape[0], "num_classes": ds.num_classes, "data": data,
-                    "held_out_accuracy": acc, "epochs": epochs, "seed": seed}, f)
+        torch.save(state, f)
     return acc
 
 

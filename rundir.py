@@ -152,9 +152,10 @@ def out_from_resume(resume):
 def prepare(out, resume):
     """Check the run directory before anything is loaded or built; create nothing yet, so that a
     run that fails to start leaves no empty directory behind. Returns (checkpoint path,
-    checkpoint, own): the checkpoint to resume from, or (None, None, False) for a fresh run, which
-    must not land on an existing run's checkpoints; own is true when the checkpoint is out's own
-    (the run continues its history there), false when it comes from another run directory."""
+    checkpoint, own, seen): the checkpoint to resume from, or (None, None, False) for a fresh run,
+    which must not land on an existing run's checkpoints; own is true when the checkpoint is out's
+    own (the run continues its history there), false when it comes from another run directory;
+    seen, out's checkpoints now, which create() checks again once it holds the lock."""
     writable_dir(out)
     resume_path, ckpt, own = None, None, False
     if resume is not None:
@@ -179,11 +180,7 @@ def prepare(out, resume):
     elif list_checkpoints(out):
         raise UserError(f"run directory {out!r} already has checkpoints; add --resume to continue it, "
                         f"or choose another --out")
-    _seen[os.path.realpath(out)] = list_checkpoints(out)     # create() checks them again, under the lock
-    return resume_path, ckpt, own
-
-
-_seen = {}      # run directory -> its checkpoints when prepare() checked it
+    return resume_path, ckpt, own, list_checkpoints(out)     # the last: for create() to check again, under the lock
 
 
 _locks = {}     # run directory -> the open lock file that holds it, for as long as this process trains there
@@ -214,12 +211,13 @@ def release(out):
         f.close()
 
 
-def create(out, new_log, main_proc):
+def create(out, new_log, main_proc, seen=None):
     """Create the run directory (just before the first line of the log) and lock it: its
     subdirectories, minus the temporary files of a process that was killed mid-write. A run that
     starts a log of its own (new_log: a fresh run, or one continued from another run directory)
     moves an old metrics.jsonl aside rather than append to it. Checks that the checkpoints and
-    the log can be written, now rather than at the first checkpoint."""
+    the log can be written, now rather than at the first checkpoint, and that no other run wrote
+    checkpoints there since prepare() saw `seen` (while this one loaded its data)."""
     if not main_proc:
         return
     log_path = os.path.join(out, "metrics.jsonl")
@@ -227,9 +225,7 @@ def create(out, new_log, main_proc):
         for sub in ("checkpoints", "samples"):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
         lock(out)
-        seen = _seen.get(os.path.realpath(out))
         if seen is not None and list_checkpoints(out) != seen:
-            # another run trained there between prepare() and the lock (while this one loaded its data)
             raise UserError(f"--out {out!r}: another run wrote checkpoints there while this one was starting; "
                             f"start again (with --resume to continue it) or choose another --out")
         probe = os.path.join(out, "checkpoints", f".write_test{os.getpid()}")
@@ -315,7 +311,7 @@ class Logger:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                raise UserError(f"could not write the log {self.path!r} ({e.strerror}); the checkpoints written "
+                raise UserError(f"could not write the log {self.path!r} ({e}); the checkpoints written "
                                 f"so far are intact: make room, then continue with --resume") from None
 
 
@@ -323,12 +319,12 @@ class Logger:
 def stop_on_signals():
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler pre-empting the job) only raise a flag; the
     loop finishes its step, saves a checkpoint and exits cleanly. Handlers are restored after."""
-    stop = {"signal": None}
+    stop = {"signal": None, "here": False}     # here: this process got one (agree_to_stop may set signal)
 
     def on_signal(signum, frame):
-        if stop["signal"] is not None:      # a second Ctrl-C: give up at once, without saving
+        if stop["here"]:                    # a second Ctrl-C: give up at once, without saving
             raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
+        stop["signal"], stop["here"] = signal.Signals(signum).name, True
         print(f"\n{stop['signal']}: finishing this step and saving a checkpoint (again to quit without saving)",
               file=sys.stderr)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -160,12 +160,13 @@ def grid_labels(num_classes, n):
 
 
 def save_grid(images_uint8, path, nrow):
-    """A PNG grid with 2-pixel borders (torchvision's make_grid), written atomically."""
+    """A PNG (or JPEG) grid with 2-pixel borders (torchvision's make_grid), written atomically."""
     # imported here, not at the top: torchvision takes seconds to import, and the scripts that
     # import this file for its sampler (fid.py, ab.py, probe.py, bench.py) save no grids
     from torchvision.utils import save_image
+    fmt = "jpeg" if str(path).lower().endswith((".jpg", ".jpeg")) else "png"    # the temporary file's name tells none
     with atomic_output(path) as f:
-        save_image(images_uint8.float() / 255, f, nrow=nrow, padding=2, format="png")
+        save_image(images_uint8.float() / 255, f, nrow=nrow, padding=2, format=fmt)
 
 
 # ----------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def main(argv=None):
     main_proc = rank == 0
     torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32 (the dispersive distances too)
     torch.backends.cudnn.allow_tf32 = True
-    resume_path, ckpt, own = rundir.prepare(args.out, args.resume)   # checks only: it creates nothing yet
+    resume_path, ckpt, own, seen = rundir.prepare(args.out, args.resume)   # checks only: it creates nothing yet
 
     # --- data (small sets live whole on the training device), model, EMA, optimiser, objective ---
     with rank0_first(device):                       # rank 0 downloads first; if one rank fails, all stop
@@ -209,13 +209,14 @@ def main(argv=None):
     # Batches refuses a batch larger than the data: before rundir.create, so that no directory is left
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)
-    with rank0_first(device):                       # rank 0 first (downloads, the run directory); if one fails, all stop
+    with rank0_first(device):                       # rank 0 downloads first; if one rank fails, all stop
         # Grids of a latent model are decoded by the set's VAE, loaded now: a VAE that cannot be
         # loaded stops the run here, not at the first grid hours later. So does a missing FID file.
         decode = data.decoder(device) if main_proc and args.sample_every and args.data == "latents" else None
         fid_eval = fid.TrainingFID.from_args(args, data, device, rank, world)    # every rank samples its share
+    with rank0_first(device):                       # what rank 0 alone does; if it fails, all stop
         # a run continued from another run directory starts a log of its own here, as a fresh one does
-        rundir.create(args.out, new_log=not own, main_proc=main_proc)
+        rundir.create(args.out, new_log=not own, main_proc=main_proc, seen=seen)
         log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if own else None)
         log(type="config", step=start, args=vars(args), model_config=model_config,
             params=sum(p.numel() for p in model.parameters()), disp_blocks=list(reg.blocks), world_size=world,
@@ -267,13 +268,16 @@ def main(argv=None):
                                 cfg_scale=args.sample_cfg, generator=torch.Generator(device).manual_seed(args.seed),
                                 decode=decode)
                 save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
+            fid_cut = False
             if fid_eval is not None and fid_eval.due(done):
-                result = fid_eval(ema.eval(), args.objective, args.seed, stop)      # None: cut short by a signal
+                result = fid_eval(ema.eval(), args.objective, args.seed, stop)
+                fid_cut = result is None        # cut short by a signal, which all ranks agreed on
                 if result:
                     log(type="fid", step=done, **result)
 
             # checkpoints, and a clean stop on SIGINT / SIGTERM (all GPUs agree at log steps)
-            stopping = rundir.agree_to_stop(stop, device) if done % args.log_every == 0 or world == 1 else False
+            agree_now = done % args.log_every == 0 or world == 1 or fid_cut
+            stopping = rundir.agree_to_stop(stop, device) if agree_now else False
             if done % args.ckpt_every == 0 or done == args.steps or stopping:
                 guard.check()
                 with rank0_first(device):           # rank 0 writes it; if that fails, all stop

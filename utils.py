@@ -195,9 +195,9 @@ def mean_over_gpus(values):
 def rank0_first(device):
     """The block runs on rank 0 first (a download, the run directory, a checkpoint: work that
     rank 0 alone does, or does before the others), then on the other ranks. If it fails on any
-    rank, every rank stops, each with one line, instead of waiting in its next collective for a
-    process that has left (gloo's "Connection closed by peer" traceback, or NCCL's hang until its
-    timeout). Tested with gloo only."""
+    rank, every rank stops, each with one line, instead of going on to its next collective with a
+    process that has left (gloo's "Connection closed by peer" traceback; NCCL's wait until its
+    timeout where no torchrun agent on the node stops the others). Tested with gloo only."""
     if not dist.is_initialized():
         yield
         return

@@ -170,7 +170,7 @@ def test_periodic_fid_is_logged(folder_and_classifier, tmp_path):
 
 
 @pytest.mark.slow
-def test_periodic_fid_under_torchrun_is_one_processs(folder_and_classifier, tmp_path):
+def test_periodic_fid_under_torchrun_is_that_of_one_process(folder_and_classifier, tmp_path):
     """Under torchrun each of 2 ranks samples every other batch (600 samples: batches of 256, 256
     and 88) and the feature statistics are pooled (fid.pooled_statistics): the FD logged must be
     the one a single process computes for the same EMA weights."""

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 import bench
 from bench import forward_macs, model_macs
-from conftest import ROOT, present, read_jsonl, run_script, tiny_args, torchrun
+from conftest import present, read_jsonl, run_script, tiny_args, torchrun
 from model import MODELS, build_model
 
 
@@ -184,48 +184,6 @@ def test_under_torchrun_what_fails_on_rank_0_alone_stops_every_rank_with_one_lin
     assert "error: stopping: rank 0 failed (its error is above)" in ours
     assert "[rank1]" not in r.stderr and "Connection closed" not in r.stderr
     assert not (out / "metrics.jsonl").exists()
-
-
-RANK0_FIRST = """
-import sys
-sys.path.insert(0, {root!r})
-import torch, torch.distributed as dist
-from utils import UserError, rank0_first, run_main
-
-def main():
-    dist.init_process_group("gloo")
-    with rank0_first(torch.device("cpu")):
-        print(f"rank {{dist.get_rank()}} runs the block", flush=True)
-        if dist.get_rank() == {bad}:
-            raise UserError(f"rank {{dist.get_rank()}}'s own failure")
-    print(f"rank {{dist.get_rank()}} went on", flush=True)
-
-run_main(main)
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("bad", [None, 0, 2])
-def test_rank0_first_runs_rank_0_first_and_a_failure_on_any_rank_stops_all(tmp_path, bad):
-    """utils.rank0_first on 3 processes: rank 0 runs the block before the others; a failure on
-    rank 0 keeps the others from running it, and a failure on any rank stops every rank with one
-    line each (the failed rank's own error, and 'stopping: rank k failed' on the others)."""
-    script = tmp_path / "r0f.py"
-    script.write_text(RANK0_FIRST.format(root=ROOT, bad=-1 if bad is None else bad))
-    r = torchrun(3, str(script))
-    ran = [line for line in r.stdout.splitlines() if line.endswith("runs the block")]
-    went_on = [line for line in r.stdout.splitlines() if line.endswith("went on")]
-    errors = sorted(line for line in r.stderr.splitlines() if line.startswith("error: "))
-    # no traceback through our code (torchrun prints one of its own when a process fails)
-    assert 'r0f.py", line' not in r.stderr and "utils.py" not in r.stderr and "Connection closed" not in r.stderr
-    if bad is None:
-        assert r.returncode == 0 and ran[0] == "rank 0 runs the block" and len(ran) == 3 and len(went_on) == 3
-    elif bad == 0:
-        assert r.returncode != 0 and ran == ["rank 0 runs the block"] and not went_on
-        assert errors == ["error: rank 0's own failure"] + ["error: stopping: rank 0 failed (its error is above)"] * 2
-    else:
-        assert r.returncode != 0 and len(ran) == 3 and not went_on
-        assert errors == ["error: rank 2's own failure"] + ["error: stopping: rank 2 failed (its error is above)"] * 2
 
 
 def ckpt(run, step):

@@ -14,7 +14,7 @@ import torch
 import rundir
 import sample
 import train
-from conftest import ROOT, make_image_folder, read_jsonl, run_script, tiny_args
+from conftest import ROOT, make_image_folder, read_jsonl, run_script, tiny_args, torchrun
 from rundir import list_checkpoints, load_checkpoint
 from utils import UserError, run_main
 
@@ -231,11 +231,10 @@ def test_a_run_that_trained_into_out_while_this_one_started_is_not_overwritten(i
         return real_create(*args, **kwargs)
     train.main(tiny_args(image_folder, other, "--steps", "1"))                        # the control: no error
     monkeypatch.setattr(rundir, "create", another_run_first)
-    before = {p: open(p, "rb").read() for p in list_checkpoints(out)}
     with pytest.raises(UserError, match="another run wrote checkpoints there while this one was starting"):
         train.main(tiny_args(image_folder, out, "--steps", "1"))
     assert [os.path.basename(p) for p in list_checkpoints(out)] == ["step_0000002.pt"]
-    assert load_checkpoint(list_checkpoints(out)[0])["args"]["seed"] == 7 and not before
+    assert load_checkpoint(list_checkpoints(out)[0])["args"]["seed"] == 7
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == [2]
 
 
@@ -362,7 +361,8 @@ def test_disk_full_during_checkpoint_write(image_folder, tmp_path, monkeypatch):
 
 def test_disk_full_while_logging_or_writing_samples(image_folder, tmp_path, monkeypatch):
     """The log: one line naming it, not a traceback from json's write. sample.py's .npz and
-    grids go through utils.atomic_output: a full disk leaves the file that was there whole."""
+    grids go through utils.atomic_output: a disk that fills up in mid-write leaves the file that
+    was there whole, and no temporary file."""
     import builtins
     import numpy as np
     out = tmp_path / "run"
@@ -389,14 +389,70 @@ def test_disk_full_while_logging_or_writing_samples(image_folder, tmp_path, monk
     def full_disk(f, *a, **k):
         f.write(b"x" * 4096)
         raise OSError(28, "No space left on device")
+    import torchvision.utils
     with monkeypatch.context() as m:
         m.setattr(np, "savez", full_disk)
+        m.setattr(torchvision.utils, "save_image", lambda images, f, **k: full_disk(f))
         with pytest.raises(UserError, match=r"could not write --out .*s.npz.*No space left"):
             sample.main(["--ckpt", ckpt, "--steps", "1", "--num-samples", "3", "--out", str(npz), "--device", "cpu"])
-        m.setattr(sample, "atomic_output", lambda *a, **k: pytest.fail("not atomic"))   # the grid's path too
-        with pytest.raises(BaseException, match="not atomic"):
+        with pytest.raises(UserError, match=r"could not write .*g.png.*No space left"):
             sample.main(["--ckpt", ckpt, "--steps", "1", "--out", str(png), "--device", "cpu"])
     assert (npz.read_bytes(), png.read_bytes()) == before and not glob.glob(str(tmp_path / "*.tmp*"))
+
+
+def test_a_signal_from_another_rank_then_this_ranks_own_still_saves():
+    """Under torchrun, agree_to_stop marks a stop that another rank saw; this rank's own first
+    signal (torchrun passes a Ctrl-C on to every worker) must not count as a second Ctrl-C,
+    which quits at once without saving. Its second one does."""
+    with rundir.stop_on_signals() as stop:
+        stop["signal"] = "a signal on another rank"          # what agree_to_stop writes
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop["signal"] == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+RANK0_FIRST = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from utils import UserError, rank0_first, run_main
+
+def main():
+    dist.init_process_group("gloo")
+    with rank0_first(torch.device("cpu")):
+        os.write(1, f"rank {{dist.get_rank()}} runs the block\\n".encode())     # one write: lines of ranks stay whole
+        if dist.get_rank() == {bad}:
+            raise UserError(f"rank {{dist.get_rank()}}'s own failure")
+    os.write(1, f"rank {{dist.get_rank()}} went on\\n".encode())
+    dist.destroy_process_group()
+
+run_main(main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [None, 0, 2])
+def test_rank0_first_runs_rank_0_first_and_a_failure_on_any_rank_stops_all(tmp_path, bad):
+    """utils.rank0_first on 3 processes: rank 0 runs the block before the others; a failure on
+    rank 0 keeps the others from running it, and a failure on any rank stops every rank with one
+    line each (the failed rank's own error, and 'stopping: rank k failed' on the others)."""
+    script = tmp_path / "r0f.py"
+    script.write_text(RANK0_FIRST.format(root=ROOT, bad=-1 if bad is None else bad))
+    r = torchrun(3, str(script))
+    ran = [line for line in r.stdout.splitlines() if line.endswith("runs the block")]
+    went_on = [line for line in r.stdout.splitlines() if line.endswith("went on")]
+    errors = sorted(line for line in r.stderr.splitlines() if line.startswith("error: "))
+    # no traceback through our code (torchrun prints one of its own when a process fails)
+    assert 'r0f.py", line' not in r.stderr and "utils.py" not in r.stderr and "Connection closed" not in r.stderr
+    if bad is None:
+        assert r.returncode == 0 and ran[0] == "rank 0 runs the block" and len(ran) == 3 and len(went_on) == 3, r.stderr
+    elif bad == 0:
+        assert r.returncode != 0 and ran == ["rank 0 runs the block"] and not went_on
+        assert errors == ["error: rank 0's own failure"] + ["error: stopping: rank 0 failed (its error is above)"] * 2
+    else:
+        assert r.returncode != 0 and len(ran) == 3 and not went_on
+        assert errors == ["error: rank 2's own failure"] + ["error: stopping: rank 2 failed (its error is above)"] * 2
 
 
 # ---- bad input: one clear line, exit status 2, nothing written is lost -------------------

@@ -111,9 +111,11 @@ def test_generate_and_grid(tmp_path):
     grid = Image.open(tmp_path / "g.png")
     assert grid.size == (2 * 4 + 2, 3 * 4 + 2)                     # 2-pixel borders around 2 x 2 images
     assert grid.getpixel((2, 2))[0] == one_channel[0, 0, 0, 0].item()   # image 0's top-left pixel
+    save_grid(one_channel, tmp_path / "g.jpg", nrow=2)                   # a .jpg is a JPEG, not PNG bytes
+    assert (tmp_path / "g.jpg").read_bytes()[:2] == b"\xff\xd8" and Image.open(tmp_path / "g.jpg").format == "JPEG"
 
 
-def test_the_ranks_shares_are_one_processs_images():
+def test_the_ranks_shares_are_the_images_of_one_process():
     """Under torchrun the periodic FID samples every world-th batch on each rank (generate_many's
     rank, world). Each batch must start from the noise it has in one process, so that the union
     of the shares is one process's images and the FID does not depend on the number of GPUs."""
