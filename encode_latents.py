@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import center_crop, list_image_folder, read_image
 from latents import DEFAULT_VAE, encode, load_vae
-from utils import HelpFormatter, UserError, number, pick_device, run_main, writable_dir
+from utils import HelpFormatter, UserError, atomic_output, number, pick_device, run_main, writable_dir
 
 
 # ----------------------------------------------------------------------------------------
@@ -59,9 +59,8 @@ class CenterCrops(torch.utils.data.Dataset):
 
 
 def write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
+    with atomic_output(path, mode="w") as f:      # a crash leaves the old file or the new one
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)      # atomic: a crash leaves the old file or the new one
 
 
 def main(argv=None):

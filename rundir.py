@@ -289,14 +289,8 @@ class Logger:
         if enabled and keep_until_step is not None and os.path.exists(path):
             with open(path) as f:
                 lines = [l for l in f if self._keep(l, keep_until_step)]
-            try:
-                with open(path + ".tmp", "w") as f:
-                    f.writelines(lines)
-                os.replace(path + ".tmp", path)
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.remove(path + ".tmp")
-                raise UserError(f"cannot rewrite the log {path!r}: {e.strerror}") from None
+            with atomic_output(path, f"the log {path!r}", mode="w") as f:
+                f.writelines(lines)
 
     @staticmethod
     def _keep(line, until):
