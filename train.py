@@ -215,7 +215,8 @@ def main(argv=None):
         decode = data.decoder(device) if main_proc and args.sample_every and args.data == "latents" else None
         fid_eval = fid.TrainingFID.from_args(args, data, device, rank, world)    # every rank samples its share
     with rank0_first(device):                       # what rank 0 alone does; if it fails, all stop
-        # a run continued from another run directory starts a log of its own here, as a fresh one does
+        # The run directory only now, once every rank has loaded the above: a failure there leaves
+        # none behind. A run continued from another run directory starts a log of its own here.
         rundir.create(args.out, new_log=not own, main_proc=main_proc, seen=seen)
         log = rundir.Logger(os.path.join(args.out, "metrics.jsonl"), main_proc, keep_until_step=start if own else None)
         log(type="config", step=start, args=vars(args), model_config=model_config,
