@@ -361,6 +361,9 @@ def get_args(argv=None):
         raise UserError(f"--image-size {args.image_size} is not divisible by {args.model}'s patch size {patch}")
     # train.build() checks these too, but only after the table's header is out
     parse_blocks(None if args.disp_block is None else str(args.disp_block), depth)
+    if args.batch_size % OBJECTIVES[args.objective].views:
+        raise UserError(f"--batch-size {args.batch_size} does not split into {OBJECTIVES[args.objective].views} views "
+                        f"of each image ({args.objective})")
     if args.disp_group_size and args.batch_size % args.disp_group_size:
         raise UserError(f"--disp-group-size {args.disp_group_size} does not divide --batch-size {args.batch_size}")
     args.sample_steps = args.sample_steps or OBJECTIVES[args.objective].sample_steps

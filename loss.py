@@ -156,9 +156,12 @@ def parse_blocks(spec, depth):
     if spec == "all":
         return tuple(range(1, depth + 1))
     try:
-        blocks = tuple(sorted({int(s) for s in spec.split(",")}))
+        listed = [int(s) for s in spec.split(",")]
     except ValueError:
         raise UserError(f"--disp-block {spec!r}: expected N, N,M,..., 'last' or 'all'") from None
+    blocks = tuple(sorted(set(listed)))
+    if len(blocks) < len(listed):       # a block named twice is still one term, not one of twice the weight
+        raise UserError(f"--disp-block {spec!r} names a block twice")
     if not all(1 <= b <= depth for b in blocks):
         raise UserError(f"--disp-block {spec!r} is out of range: this model has blocks 1..{depth}")
     return blocks

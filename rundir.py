@@ -55,8 +55,14 @@ def save_atomic(obj, path):
         torch.save(obj, f)
 
 
+# What each entry of a checkpoint is (train.py writes them all; sample.py needs the first two)
+ENTRY_TYPES = {"model": dict, "model_config": dict, "ema": dict, "opt": dict, "step": int, "rng": dict,
+               "args": dict, "world_size": int}
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint safely (weights_only=True) with one-line errors."""
+    """Load a checkpoint safely (weights_only=True) with one-line errors, also for a file whose
+    entries are not of the kinds train.py writes (hand-edited, or written by other code)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
@@ -72,6 +78,11 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"cannot read checkpoint {path!r} (damaged or not a checkpoint): {type(e).__name__} {first}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path!r} is not a checkpoint written by train.py (no 'model' / 'model_config' entries)")
+    for key, kind in ENTRY_TYPES.items():
+        value = ckpt.get(key, kind())
+        if not isinstance(value, kind) or (kind is int and value < 0):
+            raise UserError(f"checkpoint {path!r} is not as train.py writes it: its {key!r} is {type(value).__name__} "
+                            f"{repr(value)[:60]}, not a{'' if kind is dict else ' non-negative'} {kind.__name__}")
     return ckpt
 
 
@@ -249,15 +260,19 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
         if saved.get(k) != v:
             raise UserError(f"checkpoint {path!r} does not match this run: its {k} is {saved.get(k)!r}, "
                             f"this run's is {v!r}")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
     # AdamW's moments come from the checkpoint, its settings from this run's flags: load_state_dict
     # would bring back the saved betas and weight decay too, under a log that names the new ones
     settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-    opt.load_state_dict(ckpt["opt"])
+    for key, load in (("model", model.load_state_dict), ("ema", ema.load_state_dict), ("opt", opt.load_state_dict),
+                      ("rng", lambda rng: torch.set_rng_state(rng["torch"]))):
+        try:
+            load(ckpt[key])
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:      # a damaged or hand-edited file
+            detail = " ".join(l.strip() for l in str(e).splitlines() if l.strip())
+            raise UserError(f"checkpoint {path!r} cannot continue this run: its {key!r}: {type(e).__name__} "
+                            f"{detail[:300]}") from None
     for group, own_settings in zip(opt.param_groups, settings):
         group.update(own_settings)
-    torch.set_rng_state(ckpt["rng"]["torch"])
     step = ckpt["step"]
     if main_proc:
         print(f"resumed from {path} at step {step}")

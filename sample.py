@@ -88,14 +88,20 @@ def sampler(objective, solver=None, steps=None):
     return fn, name, steps or Obj.sample_steps
 
 
-def guided(model, y, cfg_scale=1.0, counter=None):
+class Stopped(Exception):
+    """generate() was cut short by a signal (train.py's grids: the checkpoint comes first)."""
+
+
+def guided(model, y, cfg_scale=1.0, counter=None, stop=None):
     """The model as fn(x, t, **cond) for the solvers (cond: MeanFlow's r), with classifier-free
     guidance: out_null + w * (out_cond - out_null) on every channel (DiT's code guided 3 of 4
     latent channels), the conditional and null halves run as one batch. counter: a dict whose
-    "nfe" counts the model's evaluations."""
+    "nfe" counts the model's evaluations; stop: train.py's signal flag, checked before each."""
     null, guide = model.num_classes, cfg_scale != 1.0 and model.num_classes > 0
 
     def fn(x, t, **cond):
+        if stop is not None and stop["signal"]:
+            raise Stopped
         if counter is not None:
             counter["nfe"] = counter.get("nfe", 0) + 1
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
@@ -116,14 +122,14 @@ def noise(model, n, device, generator=None):
 
 
 @torch.no_grad()
-def generate(model, labels, solver, steps, *, cfg_scale=1.0, generator=None, decode=None, counter=None):
+def generate(model, labels, solver, steps, *, cfg_scale=1.0, generator=None, decode=None, counter=None, stop=None):
     """Images for the given labels (B,), as uint8 (B, C, H, W), from noise drawn with generator.
     solver: a function of sampler(). The network runs under bf16 autocast on CUDA (as in
     training; dopri5 opts out, above). A latent model's outputs are turned into images in
-    [-1, 1] by decode (its VAE's decoder)."""
+    [-1, 1] by decode (its VAE's decoder). Raises Stopped once the flag stop is raised."""
     x = noise(model, labels.shape[0], labels.device, generator)
     with autocast(labels.device):
-        x = solver(guided(model, labels, cfg_scale, counter), x, steps)
+        x = solver(guided(model, labels, cfg_scale, counter, stop), x, steps)
     if decode is not None:
         x = decode(x.float())
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

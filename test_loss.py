@@ -314,6 +314,8 @@ def test_disp_block_parsing():
         parse_blocks("13", 12)
     with pytest.raises(UserError, match="expected"):
         parse_blocks("middle", 12)
+    with pytest.raises(UserError, match="names a block twice"):
+        parse_blocks("2,2", 12)
 
 
 def test_block_stats_by_hand():

@@ -25,7 +25,7 @@ from data import DATASETS, Batches, load_dataset
 from loss import VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
 from objectives import OBJECTIVES
-from sample import generate, grid_labels, sampler, save_grid
+from sample import Stopped, generate, grid_labels, sampler, save_grid
 from utils import (HelpFormatter, UserError, autocast, describe_device, init_distributed, mean_over_gpus,
                    number, rank0_first, run_main)
 
@@ -195,7 +195,7 @@ def main(argv=None):
 
     # --- data (small sets live whole on the training device), model, EMA, optimiser, objective ---
     with rank0_first(device):                       # rank 0 downloads first; if one rank fails, all stop
-        data = load_dataset(args.data, args.data_path, args.image_size).to(device)
+        data = load_dataset(args.data, args.data_path, args.image_size, warn=main_proc).to(device)
     model, ema, opt, objective = build(args, data, device, world)
     # views: forward passes per image (1; 2 for contrastive.py's two noised copies of each image)
     reg, views = objective.reg, objective.views
@@ -265,10 +265,13 @@ def main(argv=None):
             # samples and evaluations of the EMA model
             if main_proc and args.sample_every and done % args.sample_every == 0:
                 n = (min(model.num_classes, 16) if model.num_classes else 8) * 8
-                imgs = generate(ema.eval(), grid_labels(model.num_classes, n).to(device), solver, sample_steps,
-                                cfg_scale=args.sample_cfg, generator=torch.Generator(device).manual_seed(args.seed),
-                                decode=decode)
-                save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
+                try:        # a signal cuts the grid short: the checkpoint below comes first
+                    imgs = generate(ema.eval(), grid_labels(model.num_classes, n).to(device), solver, sample_steps,
+                                    cfg_scale=args.sample_cfg, generator=torch.Generator(device).manual_seed(args.seed),
+                                    decode=decode, stop=stop)
+                    save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
+                except Stopped:
+                    pass
             fid_cut = False
             if fid_eval is not None and fid_eval.due(done):
                 result = fid_eval(ema.eval(), args.objective, args.seed, stop)

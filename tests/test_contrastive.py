@@ -8,7 +8,7 @@ import torch
 import train
 from conftest import read_jsonl, tiny_args
 from contrastive import Contrastive, PairedContrastive, contrastive_loss
-from loss import Dispersive, dispersive_loss
+from loss import dispersive_loss
 
 
 def infonce_reference(z, tau, sim):

@@ -13,6 +13,7 @@ import bench
 from bench import forward_macs, model_macs
 from conftest import present, read_jsonl, run_script, tiny_args, torchrun
 from model import MODELS, build_model
+from utils import UserError
 
 
 # DiT's Table 4 (256x256 images = 32x32x4 SD-VAE latents, 256 tokens), as METHOD.md gives
@@ -151,6 +152,9 @@ def test_bench_runs_on_cpu_and_prints_its_table():
     assert r.returncode == 2 and "--disp-group-size 16 does not divide --batch-size 8" in r.stderr and not r.stdout
     r = run_script("bench.py", "--device", "cpu", "--model", "DiT-Mi/4", "--disp-block", "5")
     assert r.returncode == 2 and "this model has blocks 1..4" in r.stderr and not r.stdout
+    for objective in present("contrastive"):     # two views of each image: an odd batch does not split
+        with pytest.raises(UserError, match="--batch-size 3 does not split into 2 views of each image"):
+            bench.get_args(["--objective", objective, "--batch-size", "3", "--disp-group-size", "0"])
 
 
 def test_bench_compiles_every_row_in_the_mode_asked(monkeypatch, capsys):

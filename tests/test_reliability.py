@@ -15,7 +15,7 @@ import rundir
 import sample
 import train
 from conftest import ROOT, make_image_folder, read_jsonl, run_script, tiny_args, torchrun
-from rundir import list_checkpoints, load_checkpoint
+from rundir import checkpoint_step, list_checkpoints, load_checkpoint
 from utils import UserError, run_main
 
 
@@ -114,6 +114,25 @@ def test_signal_saves_and_exits_cleanly(image_folder, tmp_path, sig):
     assert step >= 3 and f"at step {step}" in stdout
 
 
+@pytest.mark.slow
+def test_a_signal_during_a_sample_grid_cuts_it_short_and_saves(image_folder, tmp_path):
+    """A grid of a million sampling steps (hours): the signal stops it within one model
+    evaluation, and the checkpoint of its step is written, no grid."""
+    out = tmp_path / "run"
+    proc = start(fast_args(image_folder, out, "--steps", "100", "--log-every", "1", "--sample-every", "2",
+                           "--sample-steps", "1000000"))
+    try:
+        assert wait_for(lambda: os.path.exists(out / "metrics.jsonl") and len(read_jsonl(out / "metrics.jsonl")) >= 3)
+        time.sleep(1)                               # the step-2 log line comes just before the grid
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM at step 2" in stdout
+    assert [checkpoint_step(p) for p in list_checkpoints(out)] == [2] and not os.listdir(out / "samples")
+
+
 def test_non_finite_loss_stops_and_keeps_good_checkpoints(image_folder, tmp_path):
     out = tmp_path / "run"
     # A huge learning rate without clipping makes the weights overflow: the loss of step 2 is inf / nan.
@@ -179,6 +198,42 @@ def test_checkpoints_that_describe_no_model_or_hold_broken_weights(image_folder,
             sample.load_model(str(tmp_path / f"{i}.pt"))
     assert sample.load_model(list_checkpoints(tmp_path / "run")[0])[1].num_classes == good["model_config"]["num_classes"]
 
+
+def test_hand_edited_training_entries_are_one_line(image_folder, tmp_path, capsys):
+    """Entries of the wrong kind (a list for model_config, a string for the step) are refused
+    when the file is loaded, by sample.py as by train.py; entries of the right kind that do not
+    fit (a random state of the wrong size, an optimiser of another model) when --resume loads
+    them. Both name the file and the entry."""
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    path = list_checkpoints(out)[0]
+    at_load = {"model_config": ["DiT-Mi/4", 16], "step": "2", "rng": [1, 2], "args": [1], "opt": "x",
+               "ema": [1], "world_size": "2"}
+    for key, value in at_load.items():
+        ck = load_checkpoint(path)
+        ck[key] = value
+        torch.save(ck, tmp_path / "edited.pt")
+        with pytest.raises(UserError, match=f"its '{key}' is {type(value).__name__} .*, not a"):
+            load_checkpoint(str(tmp_path / "edited.pt"))
+    ck = load_checkpoint(path)
+    ck["step"] = -1
+    torch.save(ck, tmp_path / "edited.pt")
+    with pytest.raises(UserError, match="its 'step' is int -1, not a non-negative int"):
+        load_checkpoint(str(tmp_path / "edited.pt"))
+    at_resume = {"'rng': RuntimeError Expected a CPUGeneratorImplState of size": lambda c: c["rng"].update(torch=torch.zeros(10, dtype=torch.uint8)),
+                 "'rng': TypeError RNG state must be a torch.ByteTensor": lambda c: c["rng"].update(torch=torch.zeros(5056)),
+                 "'opt': ValueError loaded state dict has a different number of parameter groups": lambda c: c["opt"].update(param_groups=[]),
+                 "'ema': RuntimeError .*Missing key.*patch_embed.weight": lambda c: c["ema"].pop("patch_embed.weight")}
+    original = load_checkpoint(path)
+    for message, edit in at_resume.items():
+        ck = load_checkpoint(path)
+        edit(ck)
+        torch.save(ck, path)
+        with pytest.raises(UserError, match=f"checkpoint .* cannot continue this run: its {message}"):
+            train.main(tiny_args(image_folder, out, "--steps", "4", "--resume", path))
+        torch.save(original, path)
+    train.main(tiny_args(image_folder, out, "--steps", "4", "--resume", path))     # the original still resumes
+    assert checkpoint_step(list_checkpoints(out)[0]) == 4
 
 def test_resume_skips_a_damaged_newest_checkpoint(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
@@ -539,7 +594,12 @@ def test_an_image_folder_of_one_class_warns(tmp_path, capsys):
     from data import load_dataset
     make_image_folder(tmp_path / "set" / "train", classes=1, per_class=2)
     assert load_dataset("folder", str(tmp_path / "set")).num_classes == 1
-    assert "has one class folder, 'train'" in capsys.readouterr().err
+    assert "warning: --data-path '" in (err := capsys.readouterr().err) and "has one class folder, 'train'" in err
+    # named by the caller's flag (fid.py's reference), and said by one rank of a torchrun job only
+    load_dataset("folder", str(tmp_path / "set"), flags=("--ref-data", "--ref-data-path"))
+    assert "warning: --ref-data-path '" in capsys.readouterr().err
+    assert load_dataset("folder", str(tmp_path / "set"), warn=False).num_classes == 1
+    assert capsys.readouterr().err == ""
     load_dataset("folder", make_image_folder(tmp_path / "two", classes=2, per_class=2))
     assert "one class folder" not in capsys.readouterr().err
 
