@@ -36,6 +36,8 @@ A run directory that already holds the final checkpoint is not trained again.
 """
 import argparse
 import itertools
+import contextlib
+import contextlib
 import json
 import os
 import sys
@@ -107,8 +109,9 @@ def ema_loss(model, objective, ckpt_args, data, n=1024, seed=12345, batch=256, d
     contrastive one two noises per image), so across objectives the batch is the same, not the
     noise: a difference then also carries the noise draw's variance."""
     args = train.get_args([])
-    vars(args).update({**ckpt_args, "disp_weight": 0.0, "p_uncond": 0.0, "compile": False})
+    vars(args).update({**ckpt_args, "disp_weight": 0.0, "compile": False})
     obj = OBJECTIVES[objective].from_args(args, model, model.num_classes or None)
+    obj.p_uncond = 0.0      # no dropped labels; set here, as MeanFlow's learnt guidance is refused without them
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data), generator=g)[:n]
     total = 0.0
@@ -374,6 +377,10 @@ def main(argv=None):
                             raise UserError(f"{out} is trained to step {done} already, past --steps {args.steps}: "
                                             f"give --steps {done} (or more), or another --root")
                         runs[out] = argv
+        if args.eval_samples:     # the extractor and the reference now, not after hours of training
+            fn, info = fid.load_extractor(args.extractor, args.inception_weights)
+            if args.ref_stats:
+                fid.reference_stats(fn, info, stats_path=args.ref_stats)
         run_dirs = list(runs)     # every check passed: now train what is not trained yet
         for out, argv in runs.items():
             have = list_checkpoints(out)
@@ -413,6 +420,9 @@ def main(argv=None):
             written.append("probe.png")
     else:
         print("no plots: they need matplotlib (pip install matplotlib)")
+    for figure in {"curves.png", "probe.png"} - set(written):     # an earlier call's, of other runs
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.root, figure))
     print(f"wrote {', '.join(written)} to {args.root}")
     return rows
 

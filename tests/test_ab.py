@@ -99,6 +99,9 @@ def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch
     assert (tmp_path / "cmp" / "ab.md").read_text() == md
     ab.main(["--steps", "3", "--seeds", "0,1", "--root", str(root), *probe_args, "--", *targs])
     assert (root / "ab.md").read_text() == md
+    # a table without the probe does not keep the probe figure of an earlier call beside it
+    ab.main(["--compare", *[str(root / n) for n in names], "--root", str(root)])
+    assert not (root / "probe.png").exists() and (root / "curves.png").is_file() == plots.have_matplotlib()
 
 
 def test_ab_bad_input(tmp_path):
@@ -160,6 +163,34 @@ def test_ab_trains_another_objectives_two_arms(image_folder, tmp_path, objective
     # the root of these runs is not reused for flow matching's runs of the same arms and seed
     with pytest.raises(UserError, match=f"--objective {objective}, not flow"):
         ab.main(["--steps", "2", "--seeds", "0", "--root", str(root), "--", *ab_train_args(image_folder)])
+
+
+@pytest.mark.parametrize("objective", present("meanflow"))
+def test_a_meanflow_run_with_learnt_guidance_is_scored(image_folder, tmp_path, objective):
+    """MeanFlow's --mf-cfg-omega needs --p-uncond > 0 to be built; the fixed-batch loss drops no
+    labels all the same (it failed here, after the training)."""
+    rows = ab.main(["--steps", "1", "--arms", "baseline", "--root", str(tmp_path / "ab"), "--",
+                    *ab_train_args(image_folder, "--objective", objective, "--mf-cfg-omega", "2")])
+    assert rows[0]["ema_flow"] > 0
+
+
+def test_the_evaluations_files_are_checked_before_the_training(image_folder, tmp_path, monkeypatch):
+    """A mistyped --inception-weights, --extractor or --ref-stats stops ab.py before it trains,
+    not after the last run."""
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail("trained"))
+    base = ["--steps", "1", "--arms", "baseline", "--root", str(tmp_path / "ab"), "--eval-samples", "4"]
+    targs = ["--", *ab_train_args(image_folder)]
+    with pytest.raises(UserError, match="--extractor 'nope.pt': no such classifier file"):
+        ab.main([*base, "--extractor", "nope.pt", *targs])
+    pytest.importorskip("torch_fidelity")
+    with pytest.raises(UserError, match="--inception-weights 'nope.pth': no such file"):
+        ab.main([*base, "--inception-weights", "nope.pth", *targs])
+    import fid
+    clf = str(tmp_path / "clf.pt")
+    fid.main(["--train-classifier", clf, "--ref-data", "folder", "--ref-data-path", image_folder,
+              "--classifier-epochs", "1", "--device", "cpu"])
+    with pytest.raises(UserError, match="--ref-stats 'nope.npz': no such file"):
+        ab.main([*base, "--extractor", clf, "--ref-stats", "nope.npz", *targs])
 
 
 @pytest.mark.parametrize("objective", present("diffusion", "meanflow")[:1] if present("contrastive") else [])
