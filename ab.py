@@ -35,9 +35,8 @@ block's accuracy is in the probe's JSON next to the checkpoint (ab.json's probe_
 A run directory that already holds the final checkpoint is not trained again.
 """
 import argparse
+import contextlib
 import itertools
-import contextlib
-import contextlib
 import json
 import os
 import sys
