@@ -57,26 +57,26 @@ class ImageSet:
 def load_dataset(name, path, image_size=None, flags=("--data", "--data-path"), warn=True):
     """The whole set: an ImageSet, or for --data latents a LatentSet (latents.py). flags: the
     caller's names for --data and --data-path in its messages (fid.py: --ref-data ...); warn:
-    print the warnings (under torchrun, rank 0 alone does)."""
+    print the notes (under torchrun, rank 0 alone does)."""
     def own_flags(text):
         return text.replace("--data-path", flags[1]).replace("--data ", flags[0] + " ")
-    warnings = []
+    notes = []
     try:
-        ds = _load_dataset(name, path, image_size, warnings)
+        ds = _load_dataset(name, path, image_size, notes)
     except UserError as e:
         raise UserError(own_flags(str(e))) from None
-    for text in warnings if warn else ():
+    for text in notes if warn else ():
         print(f"warning: {own_flags(text)}", file=sys.stderr)
     return ds
 
 
-def _load_dataset(name, path, image_size, warnings):
+def _load_dataset(name, path, image_size, notes):
     if name == "cifar10":
         return _torchvision_set("CIFAR10", path, flip=True)
     if name in ("fashion-mnist", "mnist"):
         return _mnist_like(name, path)
     if name == "folder":
-        return _image_folder(path, image_size, warnings)
+        return _image_folder(path, image_size, notes)
     if name == "latents":
         return LatentSet(path, image_size)
     raise UserError(f"unknown --data {name!r}; choose one of: {', '.join(DATASETS)}")
@@ -162,14 +162,14 @@ def read_image(f, hint=""):
     return im
 
 
-def _image_folder(path, image_size, warnings):
+def _image_folder(path, image_size, notes):
     """ImageFolder layout: one sub-directory per class, images inside. Everything is decoded
     once, up front. Grayscale-only sets stay 1-channel; a set mixing modes becomes RGB."""
     from tqdm import tqdm
 
     files, classes = list_image_folder(path)
     if len(classes) == 1:
-        warnings.append(f"--data-path {path!r} has one class folder, {classes[0]!r}: one class for every image "
+        notes.append(f"--data-path {path!r} has one class folder, {classes[0]!r}: one class for every image "
                         f"(if the class folders are inside it, point --data-path there)")
     pics, modes = [], set()
     for f, _ in tqdm(files, desc=f"decoding {len(files)} images", disable=len(files) < 5000):
