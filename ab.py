@@ -57,8 +57,9 @@ from sample import load_model, sampler
 from utils import HelpFormatter, UserError, atomic_output, number, pick_device, run_main, writable_dir
 
 # The arms: train.py flags on top of the common ones; the regularised two also get one
-# combination of the swept settings (sweep).
-ARMS = {"baseline": ["--disp-weight", "0"], "dispersive": [], "contrastive": ["--objective", "contrastive"]}
+# combination of the swept settings (sweep). The contrastive arm exists while contrastive.py does.
+ARMS = {"baseline": ["--disp-weight", "0"], "dispersive": [],
+        **({"contrastive": ["--objective", "contrastive"]} if "contrastive" in OBJECTIVES else {})}
 SWEPT = ("--disp-variant", "--disp-weight", "--disp-tau", "--disp-block")      # ab.py's flags, as train.py's
 
 

@@ -1,5 +1,5 @@
 """The training objectives, by the name train.py's --objective takes. Each is one class with
-the interface of loss.FlowMatching; removing one is deleting its file and its line here."""
+the interface of loss.FlowMatching; removing one is deleting its file and its two lines here."""
 from contrastive import PairedContrastive
 from diffusion import Diffusion
 from loss import FlowMatching
