@@ -381,6 +381,7 @@ def main(argv=None):
             fn, info = fid.load_extractor(args.extractor, args.inception_weights)
             if args.ref_stats:
                 fid.reference_stats(fn, info, stats_path=args.ref_stats)
+            del fn                # evaluate() loads it again, on its device
         run_dirs = list(runs)     # every check passed: now train what is not trained yet
         for out, argv in runs.items():
             have = list_checkpoints(out)
@@ -420,9 +421,12 @@ def main(argv=None):
             written.append("probe.png")
     else:
         print("no plots: they need matplotlib (pip install matplotlib)")
-    for figure in {"curves.png", "probe.png"} - set(written):     # an earlier call's, of other runs
+    for figure in sorted({"curves.png", "probe.png"} - set(written)):
+        # an earlier call's figure (of other runs, or without the probe's numbers in this table)
+        # would read as this table's
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(args.root, figure))
+            print(f"removed {figure}, an earlier call's, from {args.root}")
     print(f"wrote {', '.join(written)} to {args.root}")
     return rows
 

@@ -65,8 +65,9 @@ def load_dataset(name, path, image_size=None, flags=("--data", "--data-path"), w
         ds = _load_dataset(name, path, image_size, notes)
     except UserError as e:
         raise UserError(own_flags(str(e))) from None
-    for text in notes if warn else ():
-        print(f"warning: {own_flags(text)}", file=sys.stderr)
+    if warn:
+        for text in notes:
+            print(f"warning: {own_flags(text)}", file=sys.stderr)
     return ds
 
 

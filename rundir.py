@@ -55,9 +55,12 @@ def save_atomic(obj, path):
         torch.save(obj, f)
 
 
-# What each entry of a checkpoint is (train.py writes them all; sample.py needs the first two)
+# What each entry of a checkpoint is, and the least value of the numbers. train.py writes them all;
+# load_checkpoint requires 'model' and 'model_config'; sample.py samples 'ema' unless --raw-weights;
+# --resume needs the rest.
 ENTRY_TYPES = {"model": dict, "model_config": dict, "ema": dict, "opt": dict, "step": int, "rng": dict,
                "args": dict, "world_size": int}
+LEAST = {"step": 0, "world_size": 1}
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -76,13 +79,18 @@ def load_checkpoint(path, map_location="cpu"):
         if isinstance(e, pickle.UnpicklingError):   # torch's text here is about weights_only, not this file
             first = "not a file torch.save wrote"
         raise UserError(f"cannot read checkpoint {path!r} (damaged or not a checkpoint): {type(e).__name__} {first}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("model") is None or ckpt.get("model_config") is None:
         raise UserError(f"{path!r} is not a checkpoint written by train.py (no 'model' / 'model_config' entries)")
+    # an entry set to None (a checkpoint slimmed for sharing: ck["opt"] = None) counts as absent
+    ckpt = {k: v for k, v in ckpt.items() if not (k in ENTRY_TYPES and v is None)}
     for key, kind in ENTRY_TYPES.items():
-        value = ckpt.get(key, kind())
-        if not isinstance(value, kind) or (kind is int and value < 0):
+        value, least = ckpt.get(key), LEAST.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (least is not None and value < least):
+            wanted = "a dict" if least is None else f"an int >= {least}"
             raise UserError(f"checkpoint {path!r} is not as train.py writes it: its {key!r} is {type(value).__name__} "
-                            f"{repr(value)[:60]}, not a{'' if kind is dict else ' non-negative'} {kind.__name__}")
+                            f"{repr(value)[:60]}, not {wanted}")
     return ckpt
 
 
@@ -267,7 +275,9 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
                       ("rng", lambda rng: torch.set_rng_state(rng["torch"]))):
         try:
             load(ckpt[key])
-        except (RuntimeError, ValueError, TypeError, KeyError) as e:      # a damaged or hand-edited file
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:  # damaged, hand-edited, or another model.py's
             detail = " ".join(l.strip() for l in str(e).splitlines() if l.strip())
             raise UserError(f"checkpoint {path!r} cannot continue this run: its {key!r}: {type(e).__name__} "
                             f"{detail[:300]}") from None

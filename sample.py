@@ -126,7 +126,8 @@ def generate(model, labels, solver, steps, *, cfg_scale=1.0, generator=None, dec
     """Images for the given labels (B,), as uint8 (B, C, H, W), from noise drawn with generator.
     solver: a function of sampler(). The network runs under bf16 autocast on CUDA (as in
     training; dopri5 opts out, above). A latent model's outputs are turned into images in
-    [-1, 1] by decode (its VAE's decoder). Raises Stopped once the flag stop is raised."""
+    [-1, 1] by decode (its VAE's decoder). stop: raises Stopped once stop["signal"] is set
+    (checked before each model evaluation)."""
     x = noise(model, labels.shape[0], labels.device, generator)
     with autocast(labels.device):
         x = solver(guided(model, labels, cfg_scale, counter, stop), x, steps)

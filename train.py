@@ -265,7 +265,7 @@ def main(argv=None):
             # samples and evaluations of the EMA model
             if main_proc and args.sample_every and done % args.sample_every == 0:
                 n = (min(model.num_classes, 16) if model.num_classes else 8) * 8
-                try:        # a signal cuts the grid short: the checkpoint below comes first
+                try:        # a signal to this process cuts the grid short, so that the checkpoint comes first
                     imgs = generate(ema.eval(), grid_labels(model.num_classes, n).to(device), solver, sample_steps,
                                     cfg_scale=args.sample_cfg, generator=torch.Generator(device).manual_seed(args.seed),
                                     decode=decode, stop=stop)

@@ -215,11 +215,19 @@ def test_hand_edited_training_entries_are_one_line(image_folder, tmp_path, capsy
         torch.save(ck, tmp_path / "edited.pt")
         with pytest.raises(UserError, match=f"its '{key}' is {type(value).__name__} .*, not a"):
             load_checkpoint(str(tmp_path / "edited.pt"))
+    for key, value, least in (("step", -1, 0), ("world_size", 0, 1)):
+        ck = load_checkpoint(path)
+        ck[key] = value
+        torch.save(ck, tmp_path / "edited.pt")
+        with pytest.raises(UserError, match=f"its '{key}' is int {value}, not an int >= {least}"):
+            load_checkpoint(str(tmp_path / "edited.pt"))
+    # a checkpoint slimmed for sharing (its optimiser set to None) still samples, and cannot resume
     ck = load_checkpoint(path)
-    ck["step"] = -1
-    torch.save(ck, tmp_path / "edited.pt")
-    with pytest.raises(UserError, match="its 'step' is int -1, not a non-negative int"):
-        load_checkpoint(str(tmp_path / "edited.pt"))
+    ck["opt"] = None
+    torch.save(ck, tmp_path / "slim.pt")
+    assert sample.load_model(str(tmp_path / "slim.pt"))[0].get("opt") is None
+    with pytest.raises(UserError, match="has no opt: it cannot continue a training run"):
+        train.main(tiny_args(image_folder, tmp_path / "other", "--steps", "4", "--resume", str(tmp_path / "slim.pt")))
     at_resume = {"'rng': RuntimeError Expected a CPUGeneratorImplState of size": lambda c: c["rng"].update(torch=torch.zeros(10, dtype=torch.uint8)),
                  "'rng': TypeError RNG state must be a torch.ByteTensor": lambda c: c["rng"].update(torch=torch.zeros(5056)),
                  "'opt': ValueError loaded state dict has a different number of parameter groups": lambda c: c["opt"].update(param_groups=[]),
