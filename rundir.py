@@ -292,8 +292,9 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
                   f"the run will not match an uninterrupted one", file=sys.stderr)
         # with --disp-group-size 0 a dispersive group is one process's batch
         saved_world = ckpt.get("world_size", world)          # older checkpoints do not record it: no warning
-        was, now = ckpt["args"].get("batch_size", args.batch_size) // saved_world, args.batch_size // world
-        if args.disp_group_size == 0 and was != now:
+        saved_batch = ckpt["args"].get("batch_size", args.batch_size)  # a hand-edited "8": the changed-flags warning
+        was, now = saved_batch // saved_world if isinstance(saved_batch, int) else None, args.batch_size // world
+        if args.disp_group_size == 0 and was not in (None, now):
             print(f"warning: resuming on {world} process(es) a run trained on {saved_world} with --disp-group-size 0: "
                   f"each dispersive group (one process's batch) changes from {was} to {now} samples", file=sys.stderr)
         if step >= args.steps:

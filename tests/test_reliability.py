@@ -3,6 +3,7 @@ import argparse
 import glob
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -240,6 +241,15 @@ def test_hand_edited_training_entries_are_one_line(image_folder, tmp_path, capsy
         with pytest.raises(UserError, match=f"checkpoint .* cannot continue this run: its {message}"):
             train.main(tiny_args(image_folder, out, "--steps", "4", "--resume", path))
         torch.save(original, path)
+    # a hand-edited value inside its args is a changed flag, not a TypeError (here with --disp-group-size 0,
+    # whose warning compares the saved batch with this run's)
+    ck = load_checkpoint(path)
+    ck["args"]["batch_size"] = "8"
+    torch.save(ck, tmp_path / "edited.pt")
+    capsys.readouterr()
+    train.main(tiny_args(image_folder, tmp_path / "args_edited", "--steps", "3", "--disp-group-size", "0",
+                         "--resume", str(tmp_path / "edited.pt")))
+    assert re.search("warning: resuming with changed .*--batch-size", capsys.readouterr().err)
     train.main(tiny_args(image_folder, out, "--steps", "4", "--resume", path))     # the original still resumes
     assert checkpoint_step(list_checkpoints(out)[0]) == 4
 
