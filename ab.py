@@ -4,6 +4,7 @@ same seeds, same data, same number of forward passes.
     python ab.py --steps 20000 --seeds 0,1,2 --root runs/ab -- --data cifar10 --model DiT-S/2
     python ab.py --arms baseline,dispersive,contrastive ...       # + the paired contrastive arm
     python ab.py --compare runs/ab/baseline_s0 runs/ab/dispersive_s0 ...   # existing runs, no training
+    python ab.py --compare ... --eval-samples 10000 --sample-solver dopri5   # the paper's ODE sampler
     python ab.py --disp-variant infonce_l2 infonce_cos hinge covariance ...  # the paper's Table 1
     python ab.py --disp-weight 0.25 0.5 1 --disp-tau 0.25 0.5 1 2 ...        # its lambda x tau sweep
     python ab.py --steps 1000 --root runs/ab_mf -- --objective meanflow ...  # another objective's two arms
@@ -53,7 +54,7 @@ from loss import VARIANTS
 from objectives import OBJECTIVES
 from plots import DEFAULTS, arm_of, arm_order, read_log
 from rundir import changed_flags, checkpoint_step, list_checkpoints, load_checkpoint
-from sample import load_model, sampler
+from sample import SOLVERS, load_model, sampler
 from utils import HelpFormatter, UserError, atomic_output, number, pick_device, run_main, writable_dir
 
 # The arms: train.py flags on top of the common ones; the regularised two also get one
@@ -96,6 +97,8 @@ def check_reusable(out, wanted):
         raise UserError(f"{out} holds a run trained with other flags ({'; '.join(changed)}); move it, "
                         f"or give another --root")
 
+
+SAMPLE_FLAGS = ("--sample-solver", "--sample-steps")     # sampler()'s errors name ab.py's flags
 
 # A row's fields that are not table columns: what the run is, and what pairing it needs
 KEYS = ("run", "arm", "seed", "step", "probe_json", "settings", "per_block")
@@ -173,11 +176,15 @@ def evaluate(run_dir, args, cache):
                          else fid.reference_stats(fn, info, stats_path=args.ref_stats)[:2])
             cache[key]["ref"] = (fn, info, mu, sigma)
         fn, info, mu, sigma = cache[key]["ref"]
-        solver, _, steps = sampler(objective, None, args.sample_steps)
+        solver, name, steps = sampler(objective, args.sample_solver, args.sample_steps, SAMPLE_FLAGS)
+        counter = {}
         images = fid.generate_n(model, args.eval_samples, solver, steps, cfg_scale=args.cfg_scale,
-                                seed=args.sample_seed, device=dev)
-        row[fid.fid_name(info, args.eval_samples)] = fid.frechet_distance(
-            *fid.statistics(fid.features(fn, images, device=dev)), mu, sigma)
+                                seed=args.sample_seed, device=dev, counter=counter)
+        # a solver asked for by name is named in the column, so that two scorings' tables are told apart
+        metric = fid.fid_name(info, args.eval_samples) + (f" {name}" if args.sample_solver else "")
+        row[metric] = fid.frechet_distance(*fid.statistics(fid.features(fn, images, device=dev)), mu, sigma)
+        if steps is None:       # an adaptive solver (dopri5) chose its steps: how many, per batch of 256
+            row[f"nfe {name}"] = counter["nfe"] / -(-args.eval_samples // 256)
     if args.probe:
         res = probe.probe(ckpts[0], ts=args.probe_t, train_samples=args.probe_train_samples,
                           test_samples=args.probe_test_samples, device=dev, data=data)
@@ -302,6 +309,8 @@ def get_args(argv=None):
       "or a classifier .pt (FD-classifier, offline, not FID)")
     a("--inception-weights", default=None, help="local Inception weights file (offline)")
     a("--ref-stats", default=None, help="reference statistics .npz (default: computed from each run's training data)")
+    a("--sample-solver", choices=SOLVERS, default=None, help="solver of the evaluation samples (default: the "
+      "objective's; the paper's tables: dopri5, whose model evaluations per batch become a column)")
     a("--sample-steps", type=number(int, min=1), default=None, help="solver steps for the evaluation samples "
       "(default: the objective's)")
     a("--cfg-scale", type=number(float), default=1.0, help="guidance scale of the evaluation samples")
@@ -328,7 +337,7 @@ def get_args(argv=None):
     if args.eval_samples == 1:
         raise UserError("--eval-samples must be 0 or at least 2")
     evaluation = {"--extractor": fid.INCEPTION, "--inception-weights": None, "--ref-stats": None,
-                  "--sample-steps": None, "--cfg-scale": 1.0, "--sample-seed": 0}      # flags and their defaults
+                  "--sample-solver": None, "--sample-steps": None, "--cfg-scale": 1.0, "--sample-seed": 0}   # flags, defaults
     unused = [f for f, default in evaluation.items() if getattr(args, f[2:].replace("-", "_")) != default]
     if unused and not args.eval_samples:
         raise UserError(f"{', '.join(unused)}: flags of the evaluation samples, which only --eval-samples N turns on")
@@ -348,6 +357,8 @@ def get_args(argv=None):
                         f"not one of --objective {objective}")
     if not args.compare and args.steps is None:
         raise UserError("give --steps (the training budget), or --compare RUN_DIR ...")
+    if not args.compare and args.eval_samples:      # a solver that does not fit, now, not after the training
+        sampler(objective, args.sample_solver, args.sample_steps, SAMPLE_FLAGS)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -396,6 +407,9 @@ def main(argv=None):
 
     args.device = pick_device(args.eval_device)
     check_comparable(run_dirs, args.eval_data_path)
+    if args.eval_samples:       # the runs' objective(s) and the solver flags, before the first evaluation
+        for objective in {read_log(d)[0]["args"].get("objective", "flow") for d in run_dirs}:
+            sampler(objective, args.sample_solver, args.sample_steps, SAMPLE_FLAGS)
     if args.cfg_scale != 1 and any(read_log(d)[0]["args"].get("unconditional") for d in run_dirs):
         raise UserError("--cfg-scale: these runs trained --unconditional models, which take no labels, so no guidance")
     cache = {}
@@ -408,6 +422,7 @@ def main(argv=None):
         json.dump({"rows": rows, "train_args": train_args, "steps": args.steps, "eval_samples": args.eval_samples,
                    "eval_data_path": args.eval_data_path,
                    "extractor": args.extractor if args.eval_samples else None, "cfg_scale": args.cfg_scale,
+                   "sample_solver": args.sample_solver, "sample_steps": args.sample_steps,
                    "probe": {"t": args.probe_t, "train_samples": args.probe_train_samples,
                              "test_samples": args.probe_test_samples} if args.probe else None}, f, indent=1)
     print(md)

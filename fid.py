@@ -230,13 +230,13 @@ def load_images(path):
 
 
 def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None,
-               stop=None, rank=0, world=1):
+               stop=None, rank=0, world=1, counter=None):
     """n images, classes in turn (the same labels and noise for every model, so A/B arms match);
     None if `stop` (generate_many's) was raised on the way. rank, world: this process's share
-    (generate_many's)."""
+    (generate_many's); counter: generate()'s, the model evaluations over all batches."""
     g = torch.Generator(device).manual_seed(seed)
     return generate_many(model, grid_labels(model.num_classes, n), solver, steps, batch_size=batch_size, generator=g,
-                         cfg_scale=cfg_scale, decode=decode, stop=stop, rank=rank, world=world)
+                         cfg_scale=cfg_scale, decode=decode, stop=stop, rank=rank, world=world, counter=counter)
 
 
 def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu",

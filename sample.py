@@ -73,17 +73,18 @@ ODE_SOLVERS = {"euler": euler, "heun": heun, "dopri5": dopri5}
 SOLVERS = sorted({*ODE_SOLVERS, *(s for Obj in OBJECTIVES.values() for s in Obj.solvers)})
 
 
-def sampler(objective, solver=None, steps=None):
+def sampler(objective, solver=None, steps=None, flags=("--solver", "--steps")):
     """(solver function, name, steps) for a model of the named objective; solver and steps
-    default to the objective's own (flow matching: 50 Euler steps; MeanFlow: 1 jump)."""
+    default to the objective's own (flow matching: 50 Euler steps; MeanFlow: 1 jump). flags:
+    the caller's names for the two, for its error messages."""
     Obj = OBJECTIVES[objective]
     name = solver or Obj.solvers[0]
     if name not in Obj.solvers:
-        raise UserError(f"--solver {name}: {objective} models are sampled with {', '.join(Obj.solvers)}")
+        raise UserError(f"{flags[0]} {name}: {objective} models are sampled with {', '.join(Obj.solvers)}")
     fn = Obj.solver_fns.get(name) or ODE_SOLVERS[name]
     if name == "dopri5":                # adaptive: it chooses its own steps
         if steps is not None:
-            raise UserError("--steps: dopri5 chooses its own steps (its tolerances are SiT's)")
+            raise UserError(f"{flags[1]}: dopri5 chooses its own steps (its tolerances are SiT's)")
         return fn, name, None
     return fn, name, steps or Obj.sample_steps
 

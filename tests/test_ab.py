@@ -193,6 +193,52 @@ def test_the_evaluations_files_are_checked_before_the_training(image_folder, tmp
         ab.main([*base, "--extractor", clf, "--ref-stats", "nope.npz", *targs])
 
 
+def test_an_ab_scored_with_the_papers_dopri5_sampler(image_folder, tmp_path, monkeypatch):
+    """--sample-solver: the evaluation samples from another solver (the paper's tables: dopri5),
+    named in the column, and the model evaluations dopri5 chose, per batch, beside it."""
+    pytest.importorskip("torchdiffeq")
+    import fid
+    import sample
+    root = str(tmp_path / "ab")
+    # a high lr, so that the velocity is far from the zero of adaLN-Zero's start and the solvers' images differ
+    ab.main(["--steps", "4", "--arms", "baseline", "--root", root, "--", *ab_train_args(image_folder, "--lr", "1e-2",
+                                                                                         "--warmup-steps", "0")])
+    run, clf = os.path.join(root, "baseline_s0"), str(tmp_path / "clf.pt")
+    fid.main(["--train-classifier", clf, "--ref-data", "folder", "--ref-data-path", image_folder,
+              "--classifier-epochs", "1", "--device", "cpu"])
+    score = lambda *flags: ab.main(["--compare", run, "--root", root, "--eval-samples", "6", "--extractor", clf,
+                                    *flags])[0]
+    default, euler, dopri = score(), score("--sample-solver", "euler"), score("--sample-solver", "dopri5")
+    assert default["FD-classifier-6"] == euler["FD-classifier-6 euler"]      # flow matching's own: 50 Euler steps
+    assert "nfe euler" not in euler and "FD-classifier-6" not in dopri
+    assert json.load(open(os.path.join(root, "ab.json")))["sample_solver"] == "dopri5"
+    # the dopri5 column is the FD of dopri5's samples, computed here the long way
+    _, model, _, _ = sample.load_model(list_checkpoints(run)[0], "ema", "cpu", need_decoder=False)
+    counter = {}
+    images = fid.generate_n(model, 6, sample.dopri5, None, counter=counter)
+    fn, _ = fid.load_extractor(clf, None, "cpu")
+    ref = fid.statistics(fid.features(fn, data.load_dataset("folder", image_folder).images))
+    expected = fid.frechet_distance(*fid.statistics(fid.features(fn, images)), *ref)
+    assert dopri["FD-classifier-6 dopri5"] == pytest.approx(expected, rel=1e-9)
+    assert not torch.equal(images, fid.generate_n(model, 6, sample.euler, 50))       # other images: another FD
+    assert dopri["FD-classifier-6 dopri5"] != default["FD-classifier-6"]
+    assert dopri["nfe dopri5"] == counter["nfe"] >= 8        # one batch of 6: 6 per step, 2 to choose the first
+    # a solver that does not fit is refused before the training, or the first evaluation
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail("trained"))
+    monkeypatch.setattr(fid, "generate_n", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(UserError, match="--sample-steps: dopri5 chooses its own steps"):
+        ab.main(["--steps", "3", "--root", str(tmp_path / "ab2"), "--eval-samples", "4", "--sample-solver", "dopri5",
+                 "--sample-steps", "10", "--", *ab_train_args(image_folder)])
+    with pytest.raises(UserError, match="--sample-steps: dopri5 chooses its own steps"):
+        score("--sample-solver", "dopri5", "--sample-steps", "10")
+    with pytest.raises(UserError, match="--sample-solver: flags of the evaluation samples"):
+        ab.main(["--compare", run, "--root", root, "--sample-solver", "dopri5"])
+    if present("diffusion"):
+        with pytest.raises(UserError, match="--sample-solver dopri5: diffusion models are sampled with ddim"):
+            ab.main(["--steps", "3", "--root", str(tmp_path / "ab3"), "--eval-samples", "4", "--sample-solver",
+                     "dopri5", "--", *ab_train_args(image_folder, "--objective", "diffusion")])
+
+
 @pytest.mark.parametrize("objective", present("diffusion", "meanflow")[:1] if present("contrastive") else [])
 def test_the_contrastive_arm_goes_with_flow_matching_only(image_folder, tmp_path, objective):
     """The contrastive arm is flow matching's paired comparison: refused beside another objective's
