@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from data import IMAGE_EXTS, load_dataset, read_image
 from rundir import resolve_checkpoint
@@ -380,7 +381,8 @@ def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     steps = max(1, epochs * len(tr) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
-    for s in range(steps):
+    bar = tqdm(range(steps), desc="training the classifier", unit="step", dynamic_ncols=True)
+    for s in bar:
         idx = tr[torch.randint(len(tr), (128,))]
         x, y = ds.images[idx].to(device), ds.labels[idx].to(device)
         if ds.flip:
@@ -390,6 +392,9 @@ def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
         loss.backward()
         opt.step()
         sched.step()
+        if s % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")     # one read-back every 50 steps
+    bar.close()
     net.eval()
     with torch.no_grad():
         pred = torch.cat([net(ds.images[val[i:i + 500]].to(device)).argmax(1).cpu() for i in range(0, n_val, 500)])

@@ -2,6 +2,7 @@
 stand-in feature extractors (the Inception weights are not downloadable in CI)."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -97,6 +98,15 @@ def folder_and_classifier(tmp_path_factory):
     fid.main(["--train-classifier", clf, "--ref-data", "folder", "--ref-data-path", images,
               "--classifier-epochs", "1", "--device", "cpu"])
     return root, images, clf
+
+
+def test_training_the_classifier_shows_its_progress_and_loss(tmp_path, capsys):
+    """Ten epochs of CIFAR-10 take minutes on a CPU: the user sees the steps and the loss go by."""
+    images = make_image_folder(tmp_path / "images")
+    fid.main(["--train-classifier", str(tmp_path / "clf.pt"), "--ref-data", "folder", "--ref-data-path", images,
+              "--classifier-epochs", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "training the classifier" in err and "1/1" in err and re.search(r"loss=\d+\.\d{3}", err)
 
 
 def test_fid_of_npz_writes_protocol_json(folder_and_classifier, tmp_path):
