@@ -326,12 +326,14 @@ class TrainingFID:
             raise UserError("--fid-every needs the training images as its reference; for latents, run fid.py on "
                             "sample.py's .npz with --ref-stats (see docs/imagenet.md)")
         return cls(args.fid_extractor, args.inception_weights, args.fid_ref_stats, data.images, device,
-                   args.fid_every, args.fid_samples, args.sample_steps, args.sample_cfg, rank=rank, world=world)
+                   args.fid_every, args.fid_samples, args.sample_steps, args.sample_cfg, rank=rank, world=world,
+                   solver=args.sample_solver)
 
     def __init__(self, extractor, weights, ref_stats, train_images, device, every, n, steps=None, cfg_scale=1.0,
-                 prefix="fid-", rank=0, world=1):     # messages name train.py's flags: --fid-extractor, --fid-ref-stats
+                 prefix="fid-", rank=0, world=1, solver=None):   # messages name train.py's flags: --fid-extractor, ...
         self.fn, self.info = load_extractor(extractor, weights, device, prefix)
         self.device, self.every, self.n, self.steps, self.cfg_scale = device, every, n, steps, cfg_scale
+        self.solver = solver
         self.rank, self.world = rank, world
         if rank != 0:                   # the reference is rank 0's alone
             return
@@ -348,7 +350,7 @@ class TrainingFID:
         """The log line's fields (on rank 0; {} on the others); None if a signal (`stop`, on any
         rank) arrived meanwhile: the run's checkpoint comes first, within a scheduler's grace
         period, not after minutes of sampling."""
-        fn, solver, steps = sampler(objective, None, self.steps)
+        fn, solver, steps = sampler(objective, self.solver, self.steps)
         images = generate_n(model, self.n, fn, steps, cfg_scale=self.cfg_scale, seed=seed, device=self.device,
                             stop=stop, rank=self.rank, world=self.world)
         if images is None:

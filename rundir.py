@@ -33,8 +33,8 @@ from utils import UserError, all_reduce, atomic_output, first_line, writable_dir
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
 # Flags that change where and how often a run writes, not what it trains: changing them on
 # --resume is expected, so it draws no warning.
-PLUMBING = {"out", "resume", "compile", "device", "log_every", "sample_every", "sample_steps", "sample_cfg",
-            "ckpt_every", "keep_ckpts", "steps", "data_path", "fid_every", "fid_samples", "fid_ref_stats",
+PLUMBING = {"out", "resume", "compile", "device", "log_every", "sample_every", "sample_solver", "sample_steps",
+            "sample_cfg", "ckpt_every", "keep_ckpts", "steps", "data_path", "fid_every", "fid_samples", "fid_ref_stats",
             "fid_extractor", "inception_weights"}
 
 

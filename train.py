@@ -25,7 +25,7 @@ from data import DATASETS, Batches, load_dataset
 from loss import VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
 from objectives import OBJECTIVES
-from sample import Stopped, generate, grid_labels, sampler, save_grid
+from sample import SOLVERS, Stopped, generate, grid_labels, sampler, save_grid
 from utils import (HelpFormatter, UserError, autocast, describe_device, init_distributed, mean_over_gpus,
                    number, rank0_first, run_main)
 
@@ -78,6 +78,8 @@ def get_args(argv=None):
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--log-every", type=number(int, min=1), default=50, help="steps between log lines (the only per-step syncs)")
     g.add_argument("--sample-every", type=number(int, min=0), default=5000, help="steps between grids of EMA samples (0: never)")
+    g.add_argument("--sample-solver", choices=SOLVERS, default=None, help="their solver, and the periodic FID's "
+                   "(default: the objective's; the paper's tables: dopri5)")
     g.add_argument("--sample-steps", type=number(int, min=1), default=None, help="solver steps for them (default: the objective's)")
     g.add_argument("--sample-cfg", type=number(float), default=1.0, help="guidance scale for them")
     g.add_argument("--ckpt-every", type=number(int, min=1), default=10_000, help="steps between checkpoints (and at the end)")
@@ -205,7 +207,8 @@ def main(argv=None):
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
         net = torch.compile(net)
-    solver, _, sample_steps = sampler(args.objective, None, args.sample_steps)
+    solver, _, sample_steps = sampler(args.objective, args.sample_solver, args.sample_steps,
+                                      ("--sample-solver", "--sample-steps"))
     # Batches refuses a batch larger than the data: before rundir.create, so that no directory is left
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)

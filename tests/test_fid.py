@@ -179,6 +179,32 @@ def test_periodic_fid_is_logged(folder_and_classifier, tmp_path):
     assert all(r["metric"] == "FD-classifier-6" and np.isfinite(r["value"]) and r["num_samples"] == 6 for r in recs)
 
 
+def test_periodic_fid_with_the_papers_dopri5_sampler(folder_and_classifier, tmp_path):
+    """--sample-solver dopri5: the grids and the periodic FID both come from the paper's sampler;
+    the FID line says so, and its value is fid.py's for the same checkpoint and solver."""
+    root, images, clf = folder_and_classifier
+    out = tmp_path / "run"
+    train.main(tiny_args(images, out, "--steps", "2", "--lr", "1e-2", "--ckpt-every", "2", "--fid-every", "2",
+                         "--fid-samples", "6", "--fid-extractor", clf, "--sample-every", "2",
+                         "--sample-solver", "dopri5"))
+    [rec] = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "fid"]
+    assert rec["solver"] == "dopri5" and rec["steps"] is None
+    again = fid.main(["--ckpt", str(out / "checkpoints" / "step_0000002.pt"), "--num-samples", "6",
+                      "--solver", "dopri5", "--ref-data", "folder", "--ref-data-path", images, "--extractor", clf,
+                      "--device", "cpu", "--out", str(tmp_path / "again.json")])
+    assert rec["value"] == pytest.approx(again["value"], rel=1e-9)
+    euler = fid.main(["--ckpt", str(out / "checkpoints" / "step_0000002.pt"), "--num-samples", "6",
+                      "--ref-data", "folder", "--ref-data-path", images, "--extractor", clf,
+                      "--device", "cpu", "--out", str(tmp_path / "euler.json")])
+    assert euler["value"] != pytest.approx(rec["value"], rel=1e-6)          # another sampler, another number
+    assert os.path.isfile(out / "samples" / "step_0000002.png")
+    for flags, message in ((["--sample-solver", "dopri5", "--sample-steps", "5"], "--sample-steps: dopri5 chooses"),
+                           (["--sample-solver", "meanflow"], "--sample-solver meanflow: flow models are sampled")):
+        with pytest.raises(UserError, match=message):
+            train.main(tiny_args(images, tmp_path / "bad", "--steps", "2", *flags))
+    assert not os.path.exists(tmp_path / "bad")
+
+
 @pytest.mark.slow
 def test_periodic_fid_under_torchrun_is_that_of_one_process(folder_and_classifier, tmp_path):
     """Under torchrun each of 2 ranks samples every other batch (600 samples: batches of 256, 256
