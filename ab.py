@@ -172,14 +172,14 @@ def evaluate(run_dir, args, cache):
             raise UserError(f"--eval-samples: {run_dir} trained on latents; score its checkpoints with fid.py --ckpt")
         if "ref" not in cache[key]:
             fn, info = fid.load_extractor(args.extractor, args.inception_weights, dev)
-            mu, sigma = (fid.statistics(fid.features(fn, data.images, device=dev)) if not args.ref_stats
+            mu, sigma = (fid.statistics(fid.features(fn, data.images, device=dev, progress=True)) if not args.ref_stats
                          else fid.reference_stats(fn, info, stats_path=args.ref_stats)[:2])
             cache[key]["ref"] = (fn, info, mu, sigma)
         fn, info, mu, sigma = cache[key]["ref"]
         solver, name, steps = sampler(objective, args.sample_solver, args.sample_steps, SAMPLE_FLAGS)
         counter = {}
         images = fid.generate_n(model, args.eval_samples, solver, steps, cfg_scale=args.cfg_scale,
-                                seed=args.sample_seed, device=dev, counter=counter)
+                                seed=args.sample_seed, device=dev, counter=counter, progress=True)
         # a solver asked for by name is named in the column, so that two scorings' tables are told apart
         metric = fid.fid_name(info, args.eval_samples) + (f" {name}" if args.sample_solver else "")
         row[metric] = fid.frechet_distance(*fid.statistics(fid.features(fn, images, device=dev)), mu, sigma)
@@ -413,7 +413,10 @@ def main(argv=None):
     if args.cfg_scale != 1 and any(read_log(d)[0]["args"].get("unconditional") for d in run_dirs):
         raise UserError("--cfg-scale: these runs trained --unconditional models, which take no labels, so no guidance")
     cache = {}
-    rows = [evaluate(d, args, cache) for d in run_dirs]
+    rows = []
+    for d in run_dirs:
+        print(f"--- evaluating {d}", flush=True)
+        rows.append(evaluate(d, args, cache))
     md = table(rows)
     os.makedirs(args.root, exist_ok=True)
     with atomic_output(os.path.join(args.root, "ab.md"), mode="w") as f:

@@ -183,9 +183,12 @@ def feature_dim(fn, device):
 
 
 @torch.no_grad()
-def features(fn, images, batch_size=200, device="cpu"):
-    """(N, D) float64 numpy features of uint8 images (N, C, H, W), a batch at a time."""
-    out = [fn(images[i:i + batch_size].to(device)).cpu().double() for i in range(0, len(images), batch_size)]
+def features(fn, images, batch_size=200, device="cpu", progress=False):
+    """(N, D) float64 numpy features of uint8 images (N, C, H, W), a batch at a time; progress:
+    a bar, for sets of 5,000 images and more (Inception on a CPU: minutes for 50K)."""
+    batches = tqdm(range(0, len(images), batch_size), desc=f"features of {len(images)} images", unit="batch",
+                   disable=not progress or len(images) < 5000)
+    out = [fn(images[i:i + batch_size].to(device)).cpu().double() for i in batches]
     return torch.cat(out).numpy()
 
 
@@ -231,13 +234,15 @@ def load_images(path):
 
 
 def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256, device="cpu", decode=None,
-               stop=None, rank=0, world=1, counter=None):
+               stop=None, rank=0, world=1, counter=None, progress=False):
     """n images, classes in turn (the same labels and noise for every model, so A/B arms match);
     None if `stop` (generate_many's) was raised on the way. rank, world: this process's share
-    (generate_many's); counter: generate()'s, the model evaluations over all batches."""
+    (generate_many's); counter: generate()'s, the model evaluations over all batches; progress:
+    a bar of the batches (not inside train.py's own)."""
     g = torch.Generator(device).manual_seed(seed)
     return generate_many(model, grid_labels(model.num_classes, n), solver, steps, batch_size=batch_size, generator=g,
-                         cfg_scale=cfg_scale, decode=decode, stop=stop, rank=rank, world=world, counter=counter)
+                         cfg_scale=cfg_scale, decode=decode, stop=stop, rank=rank, world=world, counter=counter,
+                         progress=progress)
 
 
 def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu",
@@ -271,7 +276,7 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
     ds = load_dataset(data, data_path, flags=("--ref-data", "--ref-data-path"))
     if ds.images is None or ds.images.dtype != torch.uint8:
         raise UserError(f"--ref-data {data}: the reference must be images, not latents (use --ref-stats or an image folder)")
-    mu, sigma = statistics(features(fn, ds.images, batch_size, device))
+    mu, sigma = statistics(features(fn, ds.images, batch_size, device, progress=True))
     return mu, sigma, {"data": data, "data_path": os.path.abspath(data_path), "num_images": len(ds),
                        "image_size": list(ds.images.shape[2:])}
 
@@ -340,7 +345,7 @@ class TrainingFID:
         if ref_stats:
             self.mu, self.sigma, self.ref = reference_stats(self.fn, self.info, stats_path=ref_stats, prefix=prefix)
         else:
-            self.mu, self.sigma = statistics(features(self.fn, train_images, device=device))
+            self.mu, self.sigma = statistics(features(self.fn, train_images, device=device, progress=True))
             self.ref = {"data": "the training set", "num_images": len(train_images)}
 
     def due(self, step):
@@ -492,11 +497,11 @@ def main(argv=None):
         check_size((model.image_size, model.image_size), ref)
     if args.ckpt:
         images = generate_n(model, args.num_samples or 50_000, solve, steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                            batch_size=args.batch_size, device=device, decode=decode)
+                            batch_size=args.batch_size, device=device, decode=decode, progress=True)
         generation = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": solver,
                       "steps": steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed}
     check_size(images.shape[2:], ref)
-    mu, sigma = statistics(features(fn, images, args.batch_size, device))
+    mu, sigma = statistics(features(fn, images, args.batch_size, device, progress=True))
     value = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     result = {"metric": fid_name(info, len(images)), "value": value, "num_samples": len(images),
               "samples": os.path.abspath(args.samples) if args.samples else None, "reference": ref,

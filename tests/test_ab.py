@@ -63,6 +63,7 @@ def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch
     assert len(saved["rows"]) == 4 and saved["rows"] == json.loads(json.dumps(rows))
     md = (root / "ab.md").read_text()
     assert md.strip() in printed
+    assert [f"--- evaluating {root / n}" for n in names] == [line for line in printed.splitlines() if "evaluating" in line]
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()[2:]}
     header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
     by = {(r["arm"], r["seed"]): r for r in saved["rows"]}

@@ -159,6 +159,22 @@ def test_fid_from_checkpoint_records_generation(folder_and_classifier, tmp_path)
     assert again["reference"]["stats_file"] == os.path.abspath(stats)
 
 
+def test_scoring_shows_its_sampling_and_large_feature_sets(folder_and_classifier, tmp_path, capsys):
+    """fid.py --ckpt samples 50K images by default (and ab.py 10K per run): minutes, each with a
+    bar; so do the features of a set of 5,000 images or more (a reference set), not of fewer."""
+    root, images, clf = folder_and_classifier
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "2"))
+    capsys.readouterr()
+    fid.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "6", "--steps", "2", "--ref-data", "folder",
+              "--ref-data-path", images, "--extractor", clf, "--device", "cpu"])
+    assert "sampling" in capsys.readouterr().err
+    def fn(x):          # any extractor: the bar is the point
+        return x.float().flatten(1)[:, :3]
+    for n, shown in ((4999, False), (5000, True)):
+        feats = fid.features(fn, torch.zeros(n, 1, 2, 2, dtype=torch.uint8), progress=True)
+        assert feats.shape == (n, 3) and ("features of 5000 images" in capsys.readouterr().err) == shown
+
+
 def test_sample_npz_carries_protocol_to_fid(folder_and_classifier, tmp_path):
     root, images, clf = folder_and_classifier
     train.main(tiny_args(images, tmp_path / "run", "--steps", "2"))
