@@ -139,8 +139,11 @@ def evaluate(run_dir, args, cache):
            "per_block": {"mean_sq_dist": logs[-1]["block_dist"]} if "block_dist" in logs[-1] else {},
            "flow": float(np.mean([r["flow"] for r in logs[-10:]])),
            "disp_diag": logs[-1].get("disp_diag"), "mean_sq_dist": logs[-1].get("mean_sq_dist")}
-    if fid_logs:
-        row["periodic_" + fid_logs[-1]["metric"]] = fid_logs[-1]["value"]
+    if fid_logs:    # a sampler other than the objective's default is named: other samplers, other columns
+        last, Obj = fid_logs[-1], OBJECTIVES[cargs.get("objective", "flow")]
+        solver, steps = last.get("solver", Obj.solvers[0]), last.get("steps", Obj.sample_steps)
+        own = "" if (solver, steps) == (Obj.solvers[0], Obj.sample_steps) else f" {solver}" + (f" {steps}" if steps else "")
+        row["periodic_" + last["metric"] + own] = last["value"]
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         if args.eval_samples or args.probe:
@@ -182,7 +185,8 @@ def evaluate(run_dir, args, cache):
                                 seed=args.sample_seed, device=dev, counter=counter, progress=True)
         # a solver asked for by name is named in the column, so that two scorings' tables are told apart
         metric = fid.fid_name(info, args.eval_samples) + (f" {name}" if args.sample_solver else "")
-        row[metric] = fid.frechet_distance(*fid.statistics(fid.features(fn, images, device=dev)), mu, sigma)
+        row[metric] = fid.frechet_distance(*fid.statistics(fid.features(fn, images, device=dev, progress=True)),
+                                           mu, sigma)
         if steps is None:       # an adaptive solver (dopri5) chose its steps: how many, per batch of 256
             row[f"nfe {name}"] = counter["nfe"] / -(-args.eval_samples // 256)
     if args.probe:

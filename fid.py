@@ -331,14 +331,15 @@ class TrainingFID:
             raise UserError("--fid-every needs the training images as its reference; for latents, run fid.py on "
                             "sample.py's .npz with --ref-stats (see docs/imagenet.md)")
         return cls(args.fid_extractor, args.inception_weights, args.fid_ref_stats, data.images, device,
-                   args.fid_every, args.fid_samples, args.sample_steps, args.sample_cfg, rank=rank, world=world,
-                   solver=args.sample_solver)
+                   args.fid_every, args.fid_samples, args.sample_steps, args.sample_solver, args.sample_cfg,
+                   rank=rank, world=world)
 
-    def __init__(self, extractor, weights, ref_stats, train_images, device, every, n, steps=None, cfg_scale=1.0,
-                 prefix="fid-", rank=0, world=1, solver=None):   # messages name train.py's flags: --fid-extractor, ...
+    # its messages name train.py's flags: --fid-extractor, --fid-ref-stats, --sample-solver, --sample-steps
+    def __init__(self, extractor, weights, ref_stats, train_images, device, every, n, steps=None, solver=None,
+                 cfg_scale=1.0, prefix="fid-", rank=0, world=1):
         self.fn, self.info = load_extractor(extractor, weights, device, prefix)
-        self.device, self.every, self.n, self.steps, self.cfg_scale = device, every, n, steps, cfg_scale
-        self.solver = solver
+        self.device, self.every, self.n, self.cfg_scale = device, every, n, cfg_scale
+        self.steps, self.solver = steps, solver
         self.rank, self.world = rank, world
         if rank != 0:                   # the reference is rank 0's alone
             return
@@ -355,7 +356,7 @@ class TrainingFID:
         """The log line's fields (on rank 0; {} on the others); None if a signal (`stop`, on any
         rank) arrived meanwhile: the run's checkpoint comes first, within a scheduler's grace
         period, not after minutes of sampling."""
-        fn, solver, steps = sampler(objective, self.solver, self.steps)
+        fn, solver, steps = sampler(objective, self.solver, self.steps, ("--sample-solver", "--sample-steps"))
         images = generate_n(model, self.n, fn, steps, cfg_scale=self.cfg_scale, seed=seed, device=self.device,
                             stop=stop, rank=self.rank, world=self.world)
         if images is None:
@@ -388,20 +389,20 @@ def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     steps = max(1, epochs * len(tr) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
-    bar = tqdm(range(steps), desc="training the classifier", unit="step", dynamic_ncols=True)
-    for s in bar:
-        idx = tr[torch.randint(len(tr), (128,))]
-        x, y = ds.images[idx].to(device), ds.labels[idx].to(device)
-        if ds.flip:
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if s % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")     # one read-back every 50 steps
-    bar.close()
+    with tqdm(total=steps, desc="training the classifier", unit="step", dynamic_ncols=True) as bar:
+        for s in range(steps):
+            idx = tr[torch.randint(len(tr), (128,))]
+            x, y = ds.images[idx].to(device), ds.labels[idx].to(device)
+            if ds.flip:
+                x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if s % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")     # one read-back every 50 steps
+            bar.update()
     net.eval()
     with torch.no_grad():
         pred = torch.cat([net(ds.images[val[i:i + 500]].to(device)).argmax(1).cpu() for i in range(0, n_val, 500)])

@@ -56,10 +56,7 @@ def dopri5(fn, x, steps=None, atol=1e-6, rtol=1e-3):
     interpolating back, so the model is never asked about a t outside [0, 1]. The network runs
     in float32 here, as in SiT's sampler, even under generate()'s bf16 autocast: bf16 outputs
     (about 3 significant digits) would leave the error control at rtol 1e-3 chasing rounding."""
-    try:
-        from torchdiffeq import odeint          # optional, like torch-fidelity: pip install torchdiffeq
-    except ImportError:
-        raise UserError("--solver dopri5 needs torchdiffeq: pip install torchdiffeq") from None
+    from torchdiffeq import odeint      # optional, like torch-fidelity; sampler() says so if it is missing
     # torchdiffeq's adaptive solvers keep time in float64; we pass that dtype explicitly, and
     # float32 on MPS, which has no float64
     span = torch.tensor([0.0, 1.0], dtype=torch.float32 if x.device.type == "mps" else torch.float64,
@@ -85,6 +82,10 @@ def sampler(objective, solver=None, steps=None, flags=("--solver", "--steps")):
     if name == "dopri5":                # adaptive: it chooses its own steps
         if steps is not None:
             raise UserError(f"{flags[1]}: dopri5 chooses its own steps (its tolerances are SiT's)")
+        try:                            # now, not at the first grid after hours of training
+            import torchdiffeq  # noqa: F401
+        except ImportError:
+            raise UserError(f"{flags[0]} dopri5 needs torchdiffeq: pip install torchdiffeq") from None
         return fn, name, None
     return fn, name, steps or Obj.sample_steps
 

@@ -99,6 +99,11 @@ def get_args(argv=None):
                  if getattr(args, k) != p.get_default(k)]
     if fid_flags and not args.fid_every:
         raise UserError(f"{', '.join(fid_flags)}: flags of the periodic FID, which only --fid-every N turns on")
+    sample_flags = [f for f, k in (("--sample-solver", "sample_solver"), ("--sample-steps", "sample_steps"),
+                                   ("--sample-cfg", "sample_cfg")) if getattr(args, k) != p.get_default(k)]
+    if sample_flags and not args.sample_every and not args.fid_every:
+        raise UserError(f"{', '.join(sample_flags)}: flags of the grids and the periodic FID, and --sample-every 0 "
+                        f"without --fid-every draws neither")
     if args.out is None and args.resume:
         args.out = rundir.out_from_resume(args.resume)
     if args.out is None:
@@ -189,6 +194,9 @@ def log_values(losses, reg):
 
 def main(argv=None):
     args = get_args(argv)
+    # the grids' solver (and the periodic FID's), refused now if it cannot sample this objective
+    solver, _, sample_steps = sampler(args.objective, args.sample_solver, args.sample_steps,
+                                      ("--sample-solver", "--sample-steps"))
     rank, world, device = init_distributed(args.device)
     main_proc = rank == 0
     torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32 (the dispersive distances too)
@@ -207,8 +215,6 @@ def main(argv=None):
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
         net = torch.compile(net)
-    solver, _, sample_steps = sampler(args.objective, args.sample_solver, args.sample_steps,
-                                      ("--sample-solver", "--sample-steps"))
     # Batches refuses a batch larger than the data: before rundir.create, so that no directory is left
     batches = Batches(data, args.batch_size // views, args.seed, objective.draw, device, rank, world,
                       labels=model.num_classes > 0)

@@ -3,6 +3,7 @@ stand-in feature extractors (the Inception weights are not downloadable in CI)."
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -198,6 +199,7 @@ def test_periodic_fid_is_logged(folder_and_classifier, tmp_path):
 def test_periodic_fid_with_the_papers_dopri5_sampler(folder_and_classifier, tmp_path):
     """--sample-solver dopri5: the grids and the periodic FID both come from the paper's sampler;
     the FID line says so, and its value is fid.py's for the same checkpoint and solver."""
+    pytest.importorskip("torchdiffeq")
     root, images, clf = folder_and_classifier
     out = tmp_path / "run"
     train.main(tiny_args(images, out, "--steps", "2", "--lr", "1e-2", "--ckpt-every", "2", "--fid-every", "2",
@@ -217,8 +219,38 @@ def test_periodic_fid_with_the_papers_dopri5_sampler(folder_and_classifier, tmp_
     for flags, message in ((["--sample-solver", "dopri5", "--sample-steps", "5"], "--sample-steps: dopri5 chooses"),
                            (["--sample-solver", "meanflow"], "--sample-solver meanflow: flow models are sampled")):
         with pytest.raises(UserError, match=message):
-            train.main(tiny_args(images, tmp_path / "bad", "--steps", "2", *flags))
+            train.main(tiny_args(images, tmp_path / "bad", "--steps", "2", "--sample-every", "2", *flags))
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_dopri5_without_torchdiffeq_is_refused_before_the_work(folder_and_classifier, tmp_path, monkeypatch):
+    """torchdiffeq is optional: without it, dopri5 is refused at once, under the caller's flag name,
+    not at the first grid after hours of training, nor after fid.py computed its reference."""
+    root, images, clf = folder_and_classifier
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "2", "--ckpt-every", "2"))
+    monkeypatch.setitem(sys.modules, "torchdiffeq", None)       # `import torchdiffeq` now raises ImportError
+    with pytest.raises(UserError, match="^--sample-solver dopri5 needs torchdiffeq: pip install torchdiffeq"):
+        train.main(tiny_args(images, tmp_path / "new", "--steps", "2", "--sample-every", "2", "--sample-solver", "dopri5"))
+    assert not os.path.exists(tmp_path / "new")
+    monkeypatch.setattr(fid, "reference_stats", lambda *a, **k: pytest.fail("computed the reference first"))
+    with pytest.raises(UserError, match="^--solver dopri5 needs torchdiffeq"):
+        fid.main(["--ckpt", str(tmp_path / "run"), "--solver", "dopri5", "--ref-data", "folder",
+                  "--ref-data-path", images, "--extractor", clf, "--device", "cpu"])
+
+
+def test_ab_keeps_periodic_fids_of_other_samplers_apart(folder_and_classifier, tmp_path):
+    """ab.py tabulates each run's last periodic FID. One made with a sampler other than the
+    objective's default (here 3 Euler steps instead of 50) is another number: it gets a column of
+    its own, named by its sampler, instead of a paired difference with the default's."""
+    import ab
+    root, images, clf = folder_and_classifier
+    flags = ["--steps", "2", "--fid-every", "2", "--fid-samples", "6", "--fid-extractor", clf]
+    train.main(tiny_args(images, tmp_path / "baseline_s0", *flags, "--disp-weight", "0"))
+    train.main(tiny_args(images, tmp_path / "dispersive_s0", *flags, "--disp-weight", "0.5", "--sample-steps", "3"))
+    rows = ab.main(["--compare", str(tmp_path / "baseline_s0"), str(tmp_path / "dispersive_s0"),
+                    "--root", str(tmp_path / "ab")])
+    columns = {r["arm"]: {k for k in r if k.startswith("periodic_")} for r in rows}
+    assert columns == {"baseline": {"periodic_FD-classifier-6"}, "dispersive": {"periodic_FD-classifier-6 euler 3"}}
 
 
 @pytest.mark.slow

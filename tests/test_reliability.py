@@ -650,6 +650,7 @@ def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
     (["--disp-weigh", "0.9"], "unrecognized arguments: --disp-weigh 0.9"),     # no prefixes: ab.py passes flags on
     (["--unconditional", "--sample-cfg", "4"], "--sample-cfg: an --unconditional model takes no labels"),
     (["--fid-ref-stats", "x.npz"], "--fid-ref-stats: flags of the periodic FID, which only --fid-every N turns on"),
+    (["--sample-solver", "heun"], "--sample-solver: flags of the grids and the periodic FID, and --sample-every 0 "),
     (["--batch-size", "100000", "--disp-group-size", "0"], "--batch-size 100000 is larger than the data set"),
     (["--device", "xpu"], "unknown --device 'xpu'"),
 ])
