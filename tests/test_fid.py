@@ -196,6 +196,23 @@ def test_periodic_fid_is_logged(folder_and_classifier, tmp_path):
     assert all(r["metric"] == "FD-classifier-6" and np.isfinite(r["value"]) and r["num_samples"] == 6 for r in recs)
 
 
+def test_resuming_with_another_fid_measure_says_the_curve_is_two_series(folder_and_classifier, tmp_path, capsys):
+    """The solver, its steps and the FID's sample count are plumbing (no 'changed flags' warning),
+    but changed on --resume they make the periodic FID's later values another measure."""
+    root, images, clf = folder_and_classifier
+    flags = ["--ckpt-every", "2", "--fid-every", "2", "--fid-samples", "6", "--fid-extractor", clf]
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "2", *flags, "--sample-steps", "2"))
+    capsys.readouterr()
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "4", *flags, "--sample-steps", "3", "--resume"))
+    err = capsys.readouterr().err
+    assert "warning: the periodic FID measures from step 2 with --sample-steps 3 (was 2): its values" in err
+    assert "resuming with changed" not in err
+    recs = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "fid"]
+    assert [(r["step"], r["steps"]) for r in recs] == [(2, 2), (4, 3)]      # each line names its own measure
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "6", *flags, "--sample-steps", "3", "--resume"))
+    assert "periodic FID measures" not in capsys.readouterr().err           # the same measure: no warning
+
+
 def test_periodic_fid_with_the_papers_dopri5_sampler(folder_and_classifier, tmp_path):
     """--sample-solver dopri5: the grids and the periodic FID both come from the paper's sampler;
     the FID line says so, and its value is fid.py's for the same checkpoint and solver."""
