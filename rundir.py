@@ -296,12 +296,14 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
         if changed:
             print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
                   f"the run will not match an uninterrupted one", file=sys.stderr)
-        shown = lambda v: "unset" if v is None else v           # None: the objective's default solver / steps
-        measure = [f"--{k.replace('_', '-')} {shown(getattr(args, k))} (was {shown(ckpt['args'][k])})"
-                   for k in FID_MEASURE if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]
-        if args.fid_every and ckpt["args"].get("fid_every") and measure:
-            print(f"warning: the periodic FID measures from step {step} with {', '.join(measure)}: its values "
-                  f"before and after are two series, not one curve", file=sys.stderr)
+        saved_args = ckpt["args"]
+        if args.fid_every and saved_args.get("fid_every"):      # a periodic FID before and after
+            shown = lambda v: "unset" if v is None else v               # None: the objective's solver / steps
+            measure = [f"--{k.replace('_', '-')} {shown(getattr(args, k))} (was {shown(saved_args[k])})"
+                       for k in FID_MEASURE if k in saved_args and saved_args[k] != getattr(args, k)]
+            if measure:
+                print(f"warning: the periodic FID measures from step {step} with {', '.join(measure)}: its values "
+                      f"before and after are two series, not one curve", file=sys.stderr)
         # with --disp-group-size 0 a dispersive group is one process's batch
         saved_world = ckpt.get("world_size", world)          # older checkpoints do not record it: no warning
         saved_batch = ckpt["args"].get("batch_size", args.batch_size)  # a hand-edited "8": the changed-flags warning
