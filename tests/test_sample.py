@@ -97,9 +97,13 @@ def test_sampler_defaults_and_refusals():
     assert sampler("flow")[1:] == ("euler", 50) and sampler("flow", "heun", 7)[1:] == ("heun", 7)
     with pytest.raises(UserError, match="flow models are sampled with euler, heun, dopri5"):
         sampler("flow", "meanflow")
-    assert sampler("flow", "dopri5")[1:] == ("dopri5", None)      # adaptive: no step count to record
-    with pytest.raises(UserError, match="dopri5 chooses its own steps"):
+    with pytest.raises(UserError, match="dopri5 chooses its own steps"):     # refused before torchdiffeq is looked for
         sampler("flow", "dopri5", 7)
+
+
+def test_dopri5_is_taken_when_torchdiffeq_is_installed():
+    pytest.importorskip("torchdiffeq")       # optional: without it, sampler() refuses dopri5 (tests/test_fid.py)
+    assert sampler("flow", "dopri5")[1:] == ("dopri5", None)      # adaptive: no step count to record
 
 
 def test_generate_and_grid(tmp_path):
