@@ -152,6 +152,8 @@ class DiT(nn.Module):
         self.hidden, self.depth, self.num_classes = hidden, depth, num_classes
         self.grid = image_size // patch
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
+        # fixed, not learnt: a buffer that follows .to(device), left out of checkpoints (it is a
+        # function of the shapes, rebuilt here)
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid, self.grid).unsqueeze(0), persistent=False)
         self.t_embed = TimestepEmbedder(hidden, t_scale=self.time_scale)
         # num_classes = 0 trains an unconditional model: the table then holds only "null".

@@ -245,16 +245,17 @@ def main(argv=None):
     a("--cfg-scale", type=number(float), default=1.0, help="classifier-free guidance scale w (1 = none)")
     a("--seed", type=number(int, min=0, max=2**63 - 1), default=0, help="seed for the initial noise")
     a("--class-labels", default=None, help="comma-separated labels for the grid, e.g. 0,1,2 (default: all classes in turn)")
-    a("--num-samples", type=number(int, min=1), default=None, help="number of images (default: 8 rows of the grid)")
+    a("--num-samples", type=number(int, min=1), default=None, help="number of images (default: 8 rows of the grid; "
+      "with --class-labels, 8 of each label for a grid, one of each for an .npz)")
     a("--batch-size", type=number(int, min=1), default=256, help="images per forward pass")
     a("--nrow", type=number(int, min=1), default=None, help="images per grid row (default: classes, at most 16)")
-    a("--out", default="samples.png", help=".png or .jpg for a grid, .npz for arr_0 uint8 NHWC + arr_1 labels")
+    a("--out", default="samples.png", help=".png, .jpg or .jpeg for a grid, .npz for arr_0 uint8 NHWC + arr_1 labels")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--vae", default=None, help="latent checkpoints: the VAE that decodes them (default: the one recorded in the "
       "checkpoint); a local directory works offline")
     args = p.parse_args(argv)
 
-    output_file(args.out, "--out", (".png", ".jpg", ".npz"))
+    output_file(args.out, "--out", (".png", ".jpg", ".jpeg", ".npz"))
     args.ckpt = resolve_checkpoint(args.ckpt)
     device = pick_device(args.device)
     ckpt, model, objective, decode = load_model(args.ckpt, "model" if args.raw_weights else "ema", device, args.vae)

@@ -241,8 +241,8 @@ def test_draw_is_the_papers_noise():
     objective = FlowMatching(Dispersive(), null_label=10, p_uncond=0.1)
     noise = objective.draw(torch.Generator().manual_seed(0), (20000, 1, 2, 2))
     assert noise["eps"].shape == (20000, 1, 2, 2) and abs(noise["eps"].std().item() - 1) < 0.01
-    # t ~ U[0, 1): its empirical CDF is within 0.01 of u everywhere (Kolmogorov-Smirnov; the
-    # logit-normal t of SD3 and MeanFlow, also of mean 0.5, is off by 0.12 near u = 0.2)
+    # t ~ U[0, 1): its empirical CDF is within 0.01 of u everywhere (Kolmogorov-Smirnov; SD3's
+    # logit-normal(0, 1) t, also of mean 0.5, is off by 0.12 near u = 0.2)
     t = noise["t"].sort().values
     assert 0 <= t[0] and t[-1] < 1
     assert (torch.arange(1, len(t) + 1) / len(t) - t).abs().max() < 0.01

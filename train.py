@@ -55,7 +55,8 @@ def get_args(argv=None):
                    "'latents': a directory written by encode_latents.py")
     g.add_argument("--data-path", default="data", help="where the data set is (or is downloaded to)")
     g.add_argument("--image-size", type=number(int, min=1), default=None,
-                   help="resize and centre-crop folder images to this size (default: keep)")
+                   help="resize and centre-crop folder images to this size (default: keep); with --data latents, "
+                   "checked against the image size the latents were encoded from")
     g.add_argument("--unconditional", action="store_true", help="ignore the labels (no guidance possible)")
     g = p.add_argument_group("optimisation (AdamW)")
     g.add_argument("--batch-size", type=number(int, min=1), default=128, help="global batch, split across GPUs")
@@ -95,6 +96,8 @@ def get_args(argv=None):
         raise UserError("--image-size: only --data folder (and latents) take it")
     if args.unconditional and args.sample_cfg != 1:
         raise UserError("--sample-cfg: an --unconditional model takes no labels, so no guidance")
+    if args.unconditional and args.p_uncond != p.get_default("p_uncond"):
+        raise UserError("--p-uncond: an --unconditional model has no labels to drop")
     fid_flags = [f"--{k.replace('_', '-')}" for k in ("fid_samples", "fid_ref_stats", "fid_extractor", "inception_weights")
                  if getattr(args, k) != p.get_default(k)]
     if fid_flags and not args.fid_every:
@@ -157,6 +160,8 @@ def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip,
     if grad_clip > 0:
         losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
+        # the same norm as clip_grad_norm_ computes, in one kernel per dtype and device rather
+        # than one per tensor (torch._foreach_norm is what clip_grad_norm_ itself calls)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         losses["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     opt.step()
@@ -274,6 +279,8 @@ def main(argv=None):
             # samples and evaluations of the EMA model
             if main_proc and args.sample_every and done % args.sample_every == 0:
                 n = (min(model.num_classes, 16) if model.num_classes else 8) * 8
+                # every grid starts from the same noise (the run's seed), so grids of successive
+                # steps show the same images as training shapes them
                 try:        # a signal to this process cuts the grid short, so that the checkpoint comes first
                     imgs = generate(ema.eval(), grid_labels(model.num_classes, n).to(device), solver, sample_steps,
                                     cfg_scale=args.sample_cfg, generator=torch.Generator(device).manual_seed(args.seed),
@@ -288,7 +295,9 @@ def main(argv=None):
                 if result:
                     log(type="fid", step=done, **result)
 
-            # checkpoints, and a clean stop on SIGINT / SIGTERM (all GPUs agree at log steps)
+            # checkpoints, and a clean stop on SIGINT / SIGTERM. Under DDP the ranks agree only at log
+            # steps (a round trip through every GPU each step would stall the pipeline); one process
+            # checks every step, and a FID cut short by a signal has just agreed, so it stops now
             agree_now = done % args.log_every == 0 or world == 1 or fid_cut
             stopping = rundir.agree_to_stop(stop, device) if agree_now else False
             if done % args.ckpt_every == 0 or done == args.steps or stopping:

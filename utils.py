@@ -23,7 +23,8 @@ def first_line(error, limit=200):
 
 
 def run_main(main):
-    """Call main(); turn a UserError into one line on stderr and exit status 2."""
+    """Call main(); turn a UserError into one line on stderr and exit status 2, and running out
+    of memory into one line and exit status 1."""
     try:
         main()
     except UserError as e:
@@ -34,6 +35,14 @@ def run_main(main):
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except RuntimeError as e:
+        # CUDA's allocator raises torch.OutOfMemoryError, the CPU's and MPS's a plain RuntimeError;
+        # their text runs over several lines of numbers, and its first says how much was asked for
+        text = first_line(e)
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text):
+            raise
+        sys.stderr.write(f"error: out of memory ({text}); try a smaller --batch-size\n")
+        sys.exit(1)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -131,6 +140,11 @@ def pick_device(name="auto"):
         raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        # else the first tensor moved there fails deep inside PyTorch ("invalid device ordinal")
+        n = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {n} CUDA GPU{'s' if n > 1 else ''}, "
+                        f"cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
     return dev

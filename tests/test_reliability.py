@@ -17,7 +17,7 @@ import sample
 import train
 from conftest import ROOT, make_image_folder, read_jsonl, run_script, tiny_args, torchrun
 from rundir import checkpoint_step, list_checkpoints, load_checkpoint
-from utils import UserError, run_main
+from utils import UserError, pick_device, run_main
 
 
 def fast_args(data, out, *extra):
@@ -649,6 +649,7 @@ def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
     (["--ckpt-every", "0"], "--ckpt-every: must be an integer >= 1, got 0"),
     (["--disp-weigh", "0.9"], "unrecognized arguments: --disp-weigh 0.9"),     # no prefixes: ab.py passes flags on
     (["--unconditional", "--sample-cfg", "4"], "--sample-cfg: an --unconditional model takes no labels"),
+    (["--unconditional", "--p-uncond", "0.2"], "--p-uncond: an --unconditional model has no labels to drop"),
     (["--fid-ref-stats", "x.npz"], "--fid-ref-stats: flags of the periodic FID, which only --fid-every N turns on"),
     (["--sample-solver", "heun"], "--sample-solver: flags of the grids and the periodic FID, and --sample-every 0 "),
     (["--batch-size", "100000", "--disp-group-size", "0"], "--batch-size 100000 is larger than the data set"),
@@ -683,6 +684,40 @@ def test_bad_flags_in_a_subprocess(image_folder, tmp_path):
         tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--disp-weight", "-1"))
     assert "--disp-group-size 3 does not divide" in bad(
         tmp_path, *tiny_args(image_folder, tmp_path / "o", "--steps", "1", "--disp-group-size", "3"))
+
+
+def test_a_gpu_index_the_machine_lacks_is_one_line(monkeypatch):
+    """Else the first tensor moved to cuda:7 fails deep inside PyTorch ("invalid device ordinal")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"^--device cuda:7: this machine has 1 CUDA GPU, cuda:0$"):
+        pick_device("cuda:7")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"has 2 CUDA GPUs, cuda:0 to cuda:1$"):
+        pick_device("cuda:2")
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    assert pick_device("cuda") == torch.device("cuda")
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    """A real allocation failure (128 TiB, more than a process can address): one line, exit status 1."""
+    with pytest.raises(SystemExit) as exit:
+        run_main(lambda: torch.empty(2 ** 45, dtype=torch.float32))
+    assert exit.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (") and err.endswith("; try a smaller --batch-size\n")
+    assert err.count("\n") == 1
+    def raises(error):
+        def main():
+            raise error
+        return main
+    with pytest.raises(SystemExit) as exit:      # CUDA's own kind, as the GPU raises it
+        run_main(raises(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nOf the allocated ...")))
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == ("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB.); "
+                                       "try a smaller --batch-size\n")
+    with pytest.raises(RuntimeError, match="not about memory"):      # any other RuntimeError is a bug: its traceback
+        run_main(raises(RuntimeError("not about memory")))
 
 
 def test_unwritable_output_and_existing_run(image_folder, tmp_path):

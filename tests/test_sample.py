@@ -115,8 +115,9 @@ def test_generate_and_grid(tmp_path):
     grid = Image.open(tmp_path / "g.png")
     assert grid.size == (2 * 4 + 2, 3 * 4 + 2)                     # 2-pixel borders around 2 x 2 images
     assert grid.getpixel((2, 2))[0] == one_channel[0, 0, 0, 0].item()   # image 0's top-left pixel
-    save_grid(one_channel, tmp_path / "g.jpg", nrow=2)                   # a .jpg is a JPEG, not PNG bytes
-    assert (tmp_path / "g.jpg").read_bytes()[:2] == b"\xff\xd8" and Image.open(tmp_path / "g.jpg").format == "JPEG"
+    for name in ("g.jpg", "g.jpeg"):                                     # a JPEG, not PNG bytes
+        save_grid(one_channel, tmp_path / name, nrow=2)
+        assert (tmp_path / name).read_bytes()[:2] == b"\xff\xd8" and Image.open(tmp_path / name).format == "JPEG"
 
 
 def test_the_ranks_shares_are_the_images_of_one_process():

@@ -419,7 +419,7 @@ def test_sample_checks_its_flags_before_sampling(image_folder, tmp_path):
     flags = ["--ckpt", str(out / "checkpoints" / "step_0000001.pt"), "--device", "cpu"]
     (tmp_path / "file").write_text("x")
     for extra, message in [(["--out", str(tmp_path / "file" / "s.png")], "cannot write to --out"),
-                           (["--out", "s.NPZ"], "--out 's.NPZ': the file name must end in .png or .jpg or .npz"),
+                           (["--out", "s.NPZ"], "--out 's.NPZ': the file name must end in .png or .jpg or .jpeg or .npz"),
                            (["--solver", "dopri5", "--steps", "5"], "--steps: dopri5 chooses its own steps"),
                            (["--vae", str(tmp_path)], "works on pixels, not latents; there is nothing to decode")]:
         with pytest.raises(UserError, match=message):
