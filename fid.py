@@ -154,7 +154,7 @@ def load_extractor(spec=INCEPTION, weights=None, device="cpu", prefix=""):
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
         from torch_fidelity.utils import create_feature_extractor
     except ImportError:
-        raise UserError("FID needs torch-fidelity: pip install torch-fidelity==0.4.0 (see docs/evaluation.md)") from None
+        raise UserError("FID needs torch-fidelity: pip install --no-deps torch-fidelity==0.4.0 (see docs/evaluation.md)") from None
     if spec not in FEATURE_EXTRACTORS_REGISTRY:
         raise UserError(f"{flag}: not a torch-fidelity feature extractor "
                         f"({', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}) nor a classifier .pt")

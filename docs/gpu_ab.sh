@@ -2,6 +2,15 @@
 # The baseline against the dispersive loss on CIFAR-10, DiT-S/2, in one GPU call of at most
 # 9 minutes, for a session that has one H100/H200 for a few minutes:
 #     bash docs/gpu_ab.sh OUT_DIR .data/cifar10-train-jpeg.zip
+# The zip holds CIFAR-10's 50,000 training images as JPEG files (quality 75), train/<class>/*.jpg,
+# 54 MB: small enough to travel to a device machine that reaches no data host. From torchvision's
+# copy, on a machine that has internet:
+#     mkdir -p .data && python -c "import os, torchvision
+#     d = torchvision.datasets.CIFAR10('data', train=True, download=True)
+#     for i, (im, y) in enumerate(d):
+#         os.makedirs(f'cifar10/train/{d.classes[y]}', exist_ok=True)
+#         im.save(f'cifar10/train/{d.classes[y]}/{i:05d}.jpg', quality=75)"
+#     python -m zipfile -c .data/cifar10-train-jpeg.zip cifar10/train
 # 1. unzips the CIFAR-10 JPEG copy to /tmp/cifar and trains both arms at once on the one GPU
 #    with train.py (--compile): --disp-weight 0 and the paper's 0.5 (tau 0.5, block depth // 4,
 #    groups of 16: train.py's defaults), the same seed, steps and every other flag; meanwhile
