@@ -53,7 +53,7 @@ from data import load_dataset
 from loss import VARIANTS
 from objectives import OBJECTIVES
 from plots import DEFAULTS, arm_of, arm_order, read_log
-from rundir import changed_flags, checkpoint_step, list_checkpoints, load_checkpoint
+from rundir import changed_flags, checkpoint_step, list_checkpoints
 from sample import SOLVERS, load_model, sampler
 from utils import HelpFormatter, UserError, atomic_output, number, pick_device, run_main, writable_dir
 
@@ -175,16 +175,22 @@ def evaluate(run_dir, args, cache):
             raise UserError(f"--eval-samples: {run_dir} trained on latents; score its checkpoints with fid.py --ckpt")
         if "ref" not in cache[key]:
             fn, info = fid.load_extractor(args.extractor, args.inception_weights, dev)
-            mu, sigma = (fid.statistics(fid.features(fn, data.images, device=dev, progress=True)) if not args.ref_stats
-                         else fid.reference_stats(fn, info, stats_path=args.ref_stats)[:2])
+            if args.ref_stats:
+                mu, sigma, ref = fid.reference_stats(fn, info, stats_path=args.ref_stats)
+                fid.check_size(data.shape, ref)     # where the stats file records its images' shape
+            else:
+                mu, sigma = fid.statistics(fid.features(fn, data.images, device=dev, progress=True))
             cache[key]["ref"] = (fn, info, mu, sigma)
         fn, info, mu, sigma = cache[key]["ref"]
         solver, name, steps = sampler(objective, args.sample_solver, args.sample_steps, SAMPLE_FLAGS)
         counter = {}
         images = fid.generate_n(model, args.eval_samples, solver, steps, cfg_scale=args.cfg_scale,
                                 seed=args.sample_seed, device=dev, counter=counter, progress=True)
-        # a solver asked for by name is named in the column, so that two scorings' tables are told apart
-        metric = fid.fid_name(info, args.eval_samples) + (f" {name}" if args.sample_solver else "")
+        # a solver asked for by name, or steps other than its default, are named in the column, so
+        # that two scorings' tables are told apart
+        other_steps = steps is not None and steps != OBJECTIVES[objective].sample_steps
+        metric = (fid.fid_name(info, args.eval_samples) + (f" {name}" if args.sample_solver or other_steps else "")
+                  + (f" {steps}" if other_steps else ""))
         row[metric] = fid.frechet_distance(*fid.statistics(fid.features(fn, images, device=dev, progress=True)),
                                            mu, sigma)
         if steps is None:       # an adaptive solver (dopri5) chose its steps: how many, per batch of 256
@@ -345,6 +351,10 @@ def get_args(argv=None):
     unused = [f for f, default in evaluation.items() if getattr(args, f[2:].replace("-", "_")) != default]
     if unused and not args.eval_samples:
         raise UserError(f"{', '.join(unused)}: flags of the evaluation samples, which only --eval-samples N turns on")
+    unused = [f for f in ("--probe-t", "--probe-train-samples", "--probe-test-samples")
+              if getattr(args, f[2:].replace("-", "_")) != p.get_default(f[2:].replace("-", "_"))]
+    if unused and not args.probe:
+        raise UserError(f"{', '.join(unused)}: flags of the linear probe, which only --probe turns on")
     if args.cfg_scale != 1 and "--unconditional" in train_args:
         raise UserError("--cfg-scale: these runs train --unconditional models, which take no labels, so no guidance")
     args.probe_t = probe.parse_floats(args.probe_t, "--probe-t")
@@ -400,13 +410,13 @@ def main(argv=None):
         run_dirs = list(runs)     # every check passed: now train what is not trained yet
         for out, argv in runs.items():
             have = list_checkpoints(out)
-            if have and load_checkpoint(have[0]).get("step") == args.steps:
+            if have and checkpoint_step(have[0]) == args.steps:   # its name's step: a damaged file is resume's to skip
                 print(f"{out}: already trained to step {args.steps}")
                 continue
             print(f"--- training {out} ({args.steps} steps)")
             train.main([*argv, "--out", out] + (["--resume"] if have else []))
             done = list_checkpoints(out)
-            if not done or load_checkpoint(done[0]).get("step") != args.steps:   # stopped by a signal
+            if not done or checkpoint_step(done[0]) != args.steps:   # stopped by a signal
                 raise UserError(f"{out} stopped before step {args.steps}; run the same command again to continue")
 
     args.device = pick_device(args.eval_device)

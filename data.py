@@ -2,8 +2,8 @@
 
 Small image sets (CIFAR-10 is 150 MB as uint8) fit in memory, even in GPU memory, so the
 training loop never waits for a loader. Batches are a pure function of (seed, step): the
-permutation of epoch e is drawn from seed + e, and step s takes the s-th slice of it. That
-makes resume exact (the data order continues where it stopped), gives the baseline and the
+permutation of epoch e is drawn from a seed made of (seed, e), and step s takes the s-th slice
+of it. That makes resume exact (the data order continues where it stopped), gives the baseline and the
 dispersive run of an A/B the very same batches, and lets a run resume on another number of
 GPUs (each rank takes its share of the same global batch).
 """
@@ -255,8 +255,8 @@ class Batches:
 
     All randomness of a step (samples, flips and the draws) comes from (seed, s) and is drawn
     for the whole global batch of `global_batch` images, each rank taking its slice: 1 or 8
-    GPUs train on the same numbers, and resume is exact. The odd multiplier keeps the seeds of
-    (seed, s) and (seed + 1, s') apart."""
+    GPUs train on the same numbers, and resume is exact. The multiplier keeps the seeds of
+    (seed, s) and (seed + 1, s') apart for any run shorter than 1,000,003 steps."""
 
     def __init__(self, data, global_batch, seed, draw, device, rank=0, world=1, labels=True):
         self.data, self.seed, self.draw, self.labels = data, seed, draw, labels

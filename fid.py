@@ -15,6 +15,7 @@ set), so fid.py writes the protocol next to the number in a small JSON file.
 published numbers: use it to compare runs with each other only.
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -146,7 +147,11 @@ def load_extractor(spec=INCEPTION, weights=None, device="cpu", prefix=""):
             if x.shape[1] != C:        # grey <-> RGB, so samples and reference always fit
                 x = x.expand(-1, C, -1, -1) if x.shape[1] == 1 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
             return net.features(x)
-        return fn, {"name": "fd-classifier", "file": os.path.abspath(spec), "data": ck.get("data"),
+        # every classifier is "fd-classifier" by name: its file's digest tells two apart, so that a stats
+        # file made with one is not scored against another's features (a meaningless distance)
+        with open(spec, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        return fn, {"name": "fd-classifier", "file": os.path.abspath(spec), "sha256": digest, "data": ck.get("data"),
                     "held_out_accuracy": ck.get("held_out_accuracy"), "dim": feature_dim(fn, device)}
 
     try:
@@ -259,10 +264,15 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
                     raise UserError(f"{flag} needs arrays 'mu' and 'sigma'")
                 mu, sigma = z["mu"], z["sigma"]
                 made_with = str(z["extractor"]) if "extractor" in z else None
+                digest = str(z["extractor_sha256"]) if "extractor_sha256" in z else None
+                shape = [int(v) for v in z["image_shape"]] if "image_shape" in z else None
         except NPZ_ERRORS as e:
             raise UserError(f"{flag}: cannot read it ({type(e).__name__}: {e})") from None
         if made_with and made_with != info["name"]:
             raise UserError(f"{flag} was made with {made_with}, not {info['name']}")
+        if digest and info.get("sha256") and digest != info["sha256"]:
+            raise UserError(f"{flag} was made with another classifier (sha256 {digest}...), not with "
+                            f"{info['file']!r} (sha256 {info['sha256']}...): its features are another space")
         dim = info["dim"]
         if mu.shape != (dim,) or sigma.shape != (dim, dim):
             raise UserError(f"{flag}: mu {mu.shape} and sigma {sigma.shape} do not fit the {dim}-d features of "
@@ -272,26 +282,38 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
             raise UserError(f"{flag}: mu and sigma must be finite numbers, not NaN, inf or {mu.dtype} / {sigma.dtype}")
         if (np.diag(sigma) < 0).any() or not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8):
             raise UserError(f"{flag}: sigma is not a covariance matrix (it is not symmetric, or has negative variances)")
-        return mu, sigma, {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
+        ref = {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
+        return mu, sigma, ref if shape is None else {**ref, "image_shape": shape}
     ds = load_dataset(data, data_path, flags=("--ref-data", "--ref-data-path"))
     if ds.images is None or ds.images.dtype != torch.uint8:
         raise UserError(f"--ref-data {data}: the reference must be images, not latents (use --ref-stats or an image folder)")
     mu, sigma = statistics(features(fn, ds.images, batch_size, device, progress=True))
     return mu, sigma, {"data": data, "data_path": os.path.abspath(data_path), "num_images": len(ds),
-                       "image_size": list(ds.images.shape[2:])}
+                       "image_shape": list(ds.images.shape[1:])}
 
 
-def check_size(size, ref):
-    """Samples of another size than the reference images are another data set's: refuse to score
-    them (a stats file does not record the size; nothing to check then)."""
-    if "image_size" in ref and list(size) != ref["image_size"]:
-        raise UserError(f"the samples are {size[0]}x{size[1]} pixels, the reference images ({ref['data']} at "
-                        f"{ref['data_path']}) {ref['image_size'][0]}x{ref['image_size'][1]}: not the same data set")
+def check_size(shape, ref):
+    """Samples of another shape (channels, height, width) than the reference images are another
+    data set's: refuse to score them. (The extractors turn grey into RGB and back, so a grey
+    model's samples against colour images would give a number, not a meaningful one.) A stats
+    file written before fid.py recorded the shape has none to check."""
+    if "image_shape" not in ref or list(shape) == ref["image_shape"]:
+        return
+    where = f"{ref['data']} at {ref['data_path']}" if "data" in ref else ref["stats_file"]
+    (c, h, w), (rc, rh, rw) = shape, ref["image_shape"]
+    if (h, w) != (rh, rw):
+        raise UserError(f"the samples are {h}x{w} pixels, the reference images ({where}) {rh}x{rw}: not the same data set")
+    raise UserError(f"the samples have {c} channel(s), the reference images ({where}) {rc}: not the same data set")
 
 
-def save_stats(path, mu, sigma, info):
+def save_stats(path, mu, sigma, info, ref):
+    """mu and sigma, with what reference_stats checks when they are read back: the extractor
+    (and the classifier file's digest) and the shape of the reference images."""
+    extra = {"extractor_sha256": info["sha256"]} if "sha256" in info else {}
+    if "image_shape" in ref:
+        extra["image_shape"] = np.array(ref["image_shape"])
     with atomic_output(path, f"--save-ref-stats {path!r}") as f:
-        np.savez(f, mu=mu, sigma=sigma, extractor=info["name"])
+        np.savez(f, mu=mu, sigma=sigma, extractor=info["name"], **extra)
 
 
 def fid_name(info, n):
@@ -344,10 +366,9 @@ class TrainingFID:
         if rank != 0:                   # the reference is rank 0's alone
             return
         if ref_stats:
-            self.mu, self.sigma, self.ref = reference_stats(self.fn, self.info, stats_path=ref_stats, prefix=prefix)
+            self.mu, self.sigma, _ = reference_stats(self.fn, self.info, stats_path=ref_stats, prefix=prefix)
         else:
             self.mu, self.sigma = statistics(features(self.fn, train_images, device=device, progress=True))
-            self.ref = {"data": "the training set", "num_images": len(train_images)}
 
     def due(self, step):
         return step % self.every == 0
@@ -428,7 +449,8 @@ def main(argv=None):
     a("--steps", type=number(int, min=1), default=None, help="solver steps with --ckpt (default: the objective's)")
     a("--cfg-scale", type=number(float), default=1.0, help="guidance scale with --ckpt (1 = none)")
     a("--raw-weights", action="store_true", help="with --ckpt, sample the raw weights instead of the EMA weights")
-    a("--seed", type=number(int, min=0, max=2**63 - 1), default=0, help="seed for the initial noise with --ckpt")
+    a("--seed", type=number(int, min=0, max=2**63 - 1), default=0, help="seed for the initial noise with --ckpt; "
+      "with --train-classifier, of its initial weights and data order")
     a("--vae", default=None, help="with a latent --ckpt: the VAE that decodes it (default: the one the checkpoint "
       "records); a local directory works offline")
     a("--ref-stats", default=None, help="reference statistics .npz (mu, sigma) instead of computing them from --ref-data")
@@ -448,14 +470,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = pick_device(args.device)
 
+    own = {"train_classifier", "ref_data", "ref_data_path", "classifier_epochs", "seed", "device"}   # what it reads
     if args.train_classifier:
         if args.samples or args.ckpt:
             raise UserError("--train-classifier trains the classifier only; score --samples / --ckpt in a second call")
+        ignored = [a.option_strings[0] for a in p._actions
+                   if a.dest not in own | {"help"} and getattr(args, a.dest) != a.default]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)}: not used by --train-classifier (it reads --ref-data, "
+                            f"--ref-data-path, --classifier-epochs, --seed and --device)")
         output_file(args.train_classifier, "--train-classifier", [".pt"])
         acc = train_classifier(args.ref_data, args.ref_data_path, args.train_classifier, args.classifier_epochs,
                                args.seed, device)
         print(f"wrote {args.train_classifier} (held-out accuracy {acc:.3f})")
         return
+    if args.classifier_epochs != p.get_default("classifier_epochs"):
+        raise UserError("--classifier-epochs: a flag of --train-classifier")
     if (args.samples is None) == (args.ckpt is None):
         raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
     if args.ckpt:
@@ -493,15 +523,16 @@ def main(argv=None):
     ref_mu, ref_sigma, ref = reference_stats(fn, info, stats_path=args.ref_stats, data=args.ref_data,
                                              data_path=args.ref_data_path, batch_size=args.batch_size, device=device)
     if args.save_ref_stats:
-        save_stats(args.save_ref_stats, ref_mu, ref_sigma, info)
+        save_stats(args.save_ref_stats, ref_mu, ref_sigma, info, ref)
     if args.ckpt and decode is None:        # before sampling (a latent model's images are its VAE's size)
-        check_size((model.image_size, model.image_size), ref)
+        check_size((model.in_channels, model.image_size, model.image_size), ref)
     if args.ckpt:
         images = generate_n(model, args.num_samples or 50_000, solve, steps, cfg_scale=args.cfg_scale, seed=args.seed,
                             batch_size=args.batch_size, device=device, decode=decode, progress=True)
         generation = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": solver,
-                      "steps": steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed}
-    check_size(images.shape[2:], ref)
+                      "steps": steps, "cfg_scale": args.cfg_scale, "ema": not args.raw_weights, "seed": args.seed,
+                      "batch_size": args.batch_size}    # the noise is drawn batch by batch: part of the samples
+    check_size(images.shape[1:], ref)
     mu, sigma = statistics(features(fn, images, args.batch_size, device, progress=True))
     value = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     result = {"metric": fid_name(info, len(images)), "value": value, "num_samples": len(images),

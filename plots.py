@@ -28,7 +28,7 @@ import numpy as np
 
 from loss import USES_TAU, parse_blocks
 from model import MODELS
-from utils import HelpFormatter, UserError, output_file, run_main
+from utils import HelpFormatter, UserError, atomic_output, output_file, run_main
 
 FIGURE_TYPES = (".png", ".pdf", ".svg")
 
@@ -122,11 +122,19 @@ def arm_order(arm):
     return ARM_ORDER.index(arm.split()[0])
 
 
-def group(items, kind):
-    """items -> [(label, [items])], grouped by labels_of(kind(item)), arms in ARM_ORDER."""
+def group(items, kind, setting, seed):
+    """items -> [(label, [items])], grouped by labels_of(kind(item)) and by setting(item) (the data
+    and model: runs of two experiments are not seeds of one), arms in ARM_ORDER. The label names
+    the setting where the items hold more than one (None: not known, an old file's). A group's
+    items must have distinct seeds."""
     labels = labels_of([kind(it) for it in items])
+    if len({setting(it) for it in items} - {None}) > 1:
+        labels = [f"{setting(it) or '?'}: {label}" for label, it in zip(labels, items)]
     groups = {}
     for label, it in zip(labels, items):
+        if seed(it) in [seed(other) for other in groups.get(label, [])]:
+            raise UserError(f"two {label} runs of seed {seed(it)}: a figure averages the seeds of an arm, so give "
+                            f"each run once")
         groups.setdefault(label, []).append(it)
     order = lambda lab: min(arm_order(kind(it)[0]) for it in groups[lab])
     return [(lab, groups[lab]) for lab in sorted(groups, key=order)]
@@ -198,7 +206,8 @@ def curves(run_dirs, out):
               "block(s), disp_diag", False), ("block_dist", "mean squared pairwise distance / d, per block", True),
               ("block_rms", "rms norm ||z|| / sqrt(d), per block", False)]
     drawn = {name: {} for name, _, _ in panels}
-    groups = group(runs, kind)
+    groups = group(runs, kind, lambda run: f"{run[0]['args']['data']} {run[0]['args']['model']}",
+                   lambda run: run[0]["args"]["seed"])
     for (label, members), colour in zip(groups, colours(len(groups))):
         seeds = sorted(c["args"]["seed"] for c, _ in members)
         name = f"{label} ({seed_text(seeds)})"
@@ -253,8 +262,10 @@ def floor_of(config):
 
 
 def save(fig, out):
+    """The figure, written atomically (a kill leaves the old file or the new one, never half of one)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    with atomic_output(out, f"the figure {out!r}") as f:
+        fig.savefig(f, dpi=DPI, format=os.path.splitext(out)[1][1:].lower())
 
 
 # ----------------------------------------------------------------------------------------
@@ -281,6 +292,13 @@ def probe_arm(res):
     return arm if arm == "baseline" or w in (None, DEFAULTS["disp_weight"]) else f"{arm} λ={w:g}"
 
 
+def probe_setting(res):
+    """The data and model of a probe result (None for one written before probe.py kept its run's
+    arguments)."""
+    a = res.get("train_args")
+    return f"{a.get('data')} {a.get('model')}" if a else None
+
+
 def probe_figure(results, out):
     """Held-out probe accuracy per block, one panel per t, one line per arm (mean over seeds, min
     to max as error bars); results: probe.py results (dicts) or paths to their JSON. Returns the
@@ -297,7 +315,7 @@ def probe_figure(results, out):
     for ax, t in zip(axes[0], ts):
         drawn[t] = {}
         reg = []                    # (regularised blocks, their points, colour) of each dispersive arm
-        groups = group(results, kind)
+        groups = group(results, kind, probe_setting, lambda res: res.get("seed"))
         for (label, members), colour in zip(groups, colours(len(groups))):
             accs = {}
             for res in members:

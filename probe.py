@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -159,6 +160,9 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
     if bad or not blocks:
         raise UserError(f"block(s) {bad or blocks} out of range: this model has blocks 1..{model.depth}")
     cargs = ckpt.get("args", {})
+    if model.num_classes and cargs.get("p_uncond") == 0:
+        print("warning: the probe feeds the null label, and this model was trained with --p-uncond 0: that "
+              "label's embedding never trained, so the features are those of a random label", file=sys.stderr)
     if data is None:
         data = load_dataset(cargs.get("data", "cifar10"), data_path or cargs.get("data_path", "data"),
                             cargs.get("image_size"))
@@ -240,8 +244,8 @@ def main(argv=None):
     a("--train-samples", type=number(int, min=10), default=5000, help="training images the classifier is fitted on "
       "(at least 10: a fifth of them chooses the weight decay)")
     a("--test-samples", type=number(int, min=1), default=2000, help="other training images it is scored on")
-    a("--stats-samples", type=number(int, min=2), default=512, help="images (the first of the fitting split) for the "
-      "mean squared distance and rms norm of the unpooled outputs")
+    a("--stats-samples", type=number(int, min=2), default=512, help="images (the first of the fitting split, so at "
+      "most --train-samples) for the mean squared distance and rms norm of the unpooled outputs")
     a("--weight-decay", default="1e-5,1e-4,1e-3,1e-2", help="L2 penalties of the classifier's weights (on "
       "standardised features), chosen among per row by the accuracy on a fifth of the fitting split")
     a("--seed", type=number(int, min=0, max=2**63 - 1), default=0, help="seed of the split and of the noise")

@@ -177,7 +177,7 @@ def out_from_resume(resume):
 def prepare(out, resume):
     """Check the run directory before anything is loaded or built; create nothing yet, so that a
     run that fails to start leaves no empty directory behind. Returns (checkpoint path,
-    checkpoint, own, seen): the checkpoint to resume from, or (None, None, False) for a fresh run,
+    checkpoint, own, seen): the checkpoint to resume from, or None, None and False for a fresh run,
     which must not land on an existing run's checkpoints; own is true when the checkpoint is out's
     own (the run continues its history there), false when it comes from another run directory;
     seen, out's checkpoints now, which create() checks again once it holds the lock."""

@@ -121,6 +121,8 @@ def test_ab_bad_input(tmp_path):
     # the evaluation's flags without --eval-samples did nothing, silently
     with pytest.raises(UserError, match="--ref-stats, --cfg-scale: flags of the evaluation samples, which only"):
         ab.main(["--steps", "2", "--ref-stats", "r.npz", "--cfg-scale", "2", "--root", str(tmp_path)])
+    with pytest.raises(UserError, match="^--probe-t, --probe-test-samples: flags of the linear probe, which only --probe"):
+        ab.main(["--steps", "2", "--probe-t", "0.5", "--probe-test-samples", "100", "--root", str(tmp_path)])
     with pytest.raises(UserError, match="--cfg-scale: these runs train --unconditional models"):
         ab.main(["--steps", "2", "--eval-samples", "4", "--cfg-scale", "2", "--root", str(tmp_path), "--",
                  "--unconditional"])
@@ -213,6 +215,7 @@ def test_an_ab_scored_with_the_papers_dopri5_sampler(image_folder, tmp_path, mon
     assert default["FD-classifier-6"] == euler["FD-classifier-6 euler"]      # flow matching's own: 50 Euler steps
     assert "nfe euler" not in euler and "FD-classifier-6" not in dopri
     assert json.load(open(os.path.join(root, "ab.json")))["sample_solver"] == "dopri5"
+    assert "FD-classifier-6 euler 10" in score("--sample-steps", "10")     # other steps: another column
     # the dopri5 column is the FD of dopri5's samples, computed here the long way
     _, model, _, _ = sample.load_model(list_checkpoints(run)[0], "ema", "cpu", need_decoder=False)
     counter = {}

@@ -138,9 +138,38 @@ def test_samples_of_another_size_or_an_empty_classifier_are_refused(folder_and_c
         m.setattr(fid, "generate_n", lambda *a, **k: pytest.fail("sampled before checking the size"))
         with pytest.raises(UserError, match="samples are 32x32 pixels"):
             fid.main(["--ckpt", str(tmp_path / "run"), "--num-samples", "4", "--extractor", clf, *common])
+    grey = np.ascontiguousarray(arr[..., :1])                           # the same images, 1 channel
+    np.savez(tmp_path / "grey.npz", arr_0=grey)
+    with pytest.raises(UserError, match=r"samples have 1 channel\(s\), the reference images .* 3: not the same"):
+        fid.main(["--samples", str(tmp_path / "grey.npz"), "--extractor", clf, *common])
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(UserError, match="--extractor .*empty.pt.*: cannot read it"):
         fid.load_extractor(str(tmp_path / "empty.pt"))
+
+
+def test_saved_reference_stats_know_their_classifier_and_image_shape(folder_and_classifier, tmp_path):
+    """Every FD-classifier is "fd-classifier" by name: statistics saved with one classifier, read
+    with another, would score samples in a feature space that is not theirs. The stats file keeps
+    the classifier's digest, and the shape of the images, and both are checked when it is read."""
+    root, images, clf = folder_and_classifier
+    arr = fid.load_images(images)[0].permute(0, 2, 3, 1).numpy()       # (24, 16, 16, 3)
+    np.savez(tmp_path / "same.npz", arr_0=arr)
+    stats = str(tmp_path / "ref.npz")
+    made = fid.main(["--samples", str(tmp_path / "same.npz"), "--ref-data", "folder", "--ref-data-path", images,
+                     "--extractor", clf, "--save-ref-stats", stats, "--device", "cpu"])
+    with np.load(stats) as z:
+        assert list(z["image_shape"]) == [3, 16, 16] and len(str(z["extractor_sha256"])) == 16
+    again = fid.main(["--samples", str(tmp_path / "same.npz"), "--ref-stats", stats, "--extractor", clf,
+                      "--device", "cpu", "--out", str(tmp_path / "again.json")])
+    assert again["value"] == pytest.approx(made["value"], abs=1e-9) and again["reference"]["image_shape"] == [3, 16, 16]
+    other = str(tmp_path / "other.pt")            # a second classifier: other weights, the same name and size
+    fid.main(["--train-classifier", other, "--ref-data", "folder", "--ref-data-path", images,
+              "--classifier-epochs", "0", "--seed", "1", "--device", "cpu"])
+    with pytest.raises(UserError, match=r"--ref-stats .*ref.npz' was made with another classifier \(sha256 "):
+        fid.main(["--samples", str(tmp_path / "same.npz"), "--ref-stats", stats, "--extractor", other, "--device", "cpu"])
+    np.savez(tmp_path / "small.npz", arr_0=np.ascontiguousarray(arr[:, :12, :12]))
+    with pytest.raises(UserError, match=r"samples are 12x12 pixels, the reference images \(.*ref.npz\) 16x16"):
+        fid.main(["--samples", str(tmp_path / "small.npz"), "--ref-stats", stats, "--extractor", clf, "--device", "cpu"])
 
 
 def test_fid_from_checkpoint_records_generation(folder_and_classifier, tmp_path):
@@ -153,6 +182,7 @@ def test_fid_from_checkpoint_records_generation(folder_and_classifier, tmp_path)
                     "--device", "cpu", "--out", str(tmp_path / "r.json")])
     g = json.load(open(tmp_path / "r.json"))["generation"]
     assert g["solver"] == "heun" and g["steps"] == 2 and g["cfg_scale"] == 1.5 and g["ema"] is True and g["step"] == 2
+    assert g["batch_size"] == 200
     # precomputed statistics give the very same number
     again = fid.main(["--ckpt", ckpt, "--num-samples", "6", "--steps", "2", "--solver", "heun", "--cfg-scale", "1.5",
                       "--ref-stats", stats, "--extractor", clf, "--device", "cpu", "--out", str(tmp_path / "r2.json")])
@@ -456,6 +486,10 @@ def test_sampling_flags_need_a_checkpoint_and_epochs_are_not_negative(tmp_path, 
     # flags that would be ignored
     with pytest.raises(UserError, match="--train-classifier trains the classifier only"):
         fid.main(["--train-classifier", str(tmp_path / "c.pt"), "--samples", str(tmp_path / "s.npz")])
+    with pytest.raises(UserError, match=r"^--batch-size, --out: not used by --train-classifier"):
+        fid.main(["--train-classifier", str(tmp_path / "c.pt"), "--batch-size", "64", "--out", "x.json"])
+    with pytest.raises(UserError, match="^--classifier-epochs: a flag of --train-classifier"):
+        fid.main(["--samples", str(tmp_path / "s.npz"), "--classifier-epochs", "10"])
     with pytest.raises(UserError, match="--ref-data / --ref-data-path would be ignored"):
         fid.main(["--samples", str(tmp_path / "s.npz"), "--ref-stats", "r.npz", "--ref-data", "folder"])
     with pytest.raises(SystemExit):

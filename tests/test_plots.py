@@ -1,6 +1,7 @@
 """plots.py: the figures are written at their size, and what they draw is the logs' and the probe
 results' numbers (seeds of one arm averaged)."""
 import json
+import os
 import sys
 
 import numpy as np
@@ -105,6 +106,24 @@ def test_probe_figure_and_cli(runs, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot read probe result"):
         plots.main([*runs.values(), "--out", str(tmp_path / "cli2" / "c.png"), "--probe-json", str(tmp_path / "bad.json")])
     assert not (tmp_path / "cli2").exists()
+
+
+def test_runs_of_two_experiments_are_not_averaged_as_seeds(runs, tmp_path):
+    """The same arm on other data is another line, named by its data and model; the same arm and
+    seed twice is refused (averaging it with itself would halve the seed spread)."""
+    lines = open(f"{runs['baseline_s1']}/metrics.jsonl").read().splitlines()
+    config = json.loads(lines[0])
+    config["args"]["data"] = "fashion-mnist"           # as if trained on another data set
+    other = tmp_path / "fmnist_baseline_s1"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("\n".join([json.dumps(config), *lines[1:]]) + "\n")
+    drawn = plots.curves([runs["baseline_s0"], str(other)], str(tmp_path / "c.svg"))
+    assert sorted(drawn["flow"]) == [("fashion-mnist DiT-Mi/4: baseline",), ("folder DiT-Mi/4: baseline",)]
+    assert drawn["flow"][("folder DiT-Mi/4: baseline",)][1] == [r["flow"] for r in train_lines(runs["baseline_s0"])]
+    assert open(tmp_path / "c.svg").read(5) == "<?xml" and os.listdir(tmp_path).count("c.svg") == 1
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]      # written atomically: no temporary file left
+    with pytest.raises(UserError, match="two baseline runs of seed 0: a figure averages the seeds"):
+        plots.curves([runs["baseline_s0"], runs["baseline_s0"]], str(tmp_path / "c.png"))
 
 
 def test_plots_errors(tmp_path, monkeypatch):

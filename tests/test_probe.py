@@ -120,6 +120,15 @@ def test_other_objectives(tiny_run, tmp_path, objective):
     assert [row["mean_sq_dist"], row["rms"]] == pytest.approx(by_hand_stats(ckpt, images, 3, 0.2, objective), rel=1e-5)
 
 
+def test_a_model_that_never_dropped_labels_is_warned_of(tiny_run, tmp_path, capsys):
+    """The probe feeds the null label; with --p-uncond 0 its embedding is the untrained initial one."""
+    images, _ = tiny_run
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "1", "--p-uncond", "0"))
+    capsys.readouterr()
+    probe.probe(str(tmp_path / "run"), blocks=[1], ts=(0.9,), train_samples=16, test_samples=8, stats_samples=8, out=False)
+    assert "trained with --p-uncond 0: that label's embedding never trained" in capsys.readouterr().err
+
+
 def test_bad_input(tiny_run, tmp_path, capsys):
     _, run = tiny_run
     for argv, message in [(["--ckpt", str(tmp_path / "nope.pt")], "does not exist"),
