@@ -13,7 +13,8 @@ For each seed every arm is trained with train.py's own main(): the weights, the 
 every step's noise are functions of (seed, step), so the baseline and dispersive arms differ only
 in the regulariser. Several values of --disp-weight, --disp-tau, --disp-variant or --disp-block
 train the dispersive (and contrastive) arm once per combination, each compared with the one
-baseline of its seed (whose diagnostics are taken at the arm's blocks: baseline_value); a run is
+baseline of its seed (whose diagnostics are taken at the arm's blocks: baseline_value; the baseline's
+own row shows its own block, and a line under the table says so); a run is
 named by the settings that differ from the paper's (plots.arm_of): <root>/dispersive_hinge_w0.25_s0,
 "dispersive hinge λ=0.25" in the table.
 
@@ -291,6 +292,15 @@ def table(rows):
         if seeds:
             lines.append(f"| Δ {arm} - baseline, paired | {','.join(map(str, seeds))} | | "
                          + " | ".join(mean_std(paired(rows, arm, m)) for m in metrics) + " |")
+    # Under a --disp-block sweep the baseline row shows its own block, and a Δ line is not that row's
+    # difference: say so under the table.
+    base = [r for r in rows if r["arm"] == "baseline" and "settings" in r]
+    other = sorted({str(r["settings"]["blocks"]) for r in rows if r["arm"] != "baseline" and "settings" in r}
+                   - {str(r["settings"]["blocks"]) for r in base})
+    per_block = [m for m in metrics if any(m in r.get("per_block", {}) for r in base)]
+    if base and other and per_block:
+        lines.append(f"\nThe baseline row's {', '.join(per_block)} are at its block(s) {base[0]['settings']['blocks']}; "
+                     f"each Δ line takes the baseline's at that arm's own block(s) (here also {', '.join(other)}).")
     return "\n".join(lines)
 
 

@@ -64,7 +64,9 @@ def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch
     md = (root / "ab.md").read_text()
     assert md.strip() in printed
     assert [f"--- evaluating {root / n}" for n in names] == [line for line in printed.splitlines() if "evaluating" in line]
-    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()[2:]}
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in md.splitlines()[2:] if line.startswith("|")}
+    assert not any(line.startswith("The baseline row") for line in md.splitlines())   # one block: no footnote
     header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
     by = {(r["arm"], r["seed"]): r for r in saved["rows"]}
     probe_cols = [f"probe_{k}_t{t}" for t in ("0.9", "0.5") for k in ("best", "reg")]
@@ -350,7 +352,11 @@ def test_ab_sweeps_the_papers_settings(image_folder, tmp_path, capsys):
 
     md = (root / "ab.md").read_text()
     header = [c.strip() for c in md.splitlines()[0].split("|")[1:-1]]
-    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()[2:]}
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in md.splitlines()[2:] if line.startswith("|")}
+    # the baseline row shows block 1, which a Δ of a block-4 arm does not subtract: said under the table
+    assert md.splitlines()[-1] == ("The baseline row's mean_sq_dist, probe_reg_t0.5 are at its block(s) [1]; each Δ "
+                                   "line takes the baseline's at that arm's own block(s) (here also [4]).")
     assert list(table) == ["baseline", "dispersive", "dispersive block 4", "dispersive τ=1", "dispersive τ=1 block 4",
                            "dispersive hinge", "dispersive hinge block 4"] + [
         f"Δ {a} - baseline, paired" for a in ("dispersive", "dispersive block 4", "dispersive τ=1",
