@@ -31,9 +31,9 @@ except ImportError:
 from utils import UserError, all_reduce, atomic_output, first_line, writable_dir
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
-# Flags that change where and how often a run writes, not what it trains: changing them on
-# --resume is expected, so it draws no warning.
-PLUMBING = {"out", "resume", "compile", "device", "log_every", "sample_every", "sample_solver", "sample_steps",
+# Flags that change where and how often a run writes, or how it computes, not what it trains:
+# changing them on --resume is expected, so it draws no warning.
+PLUMBING = {"out", "resume", "compile", "device", "accum_steps", "log_every", "sample_every", "sample_solver", "sample_steps",
             "sample_cfg", "ckpt_every", "keep_ckpts", "steps", "data_path", "fid_every", "fid_samples", "fid_ref_stats",
             "fid_extractor", "inception_weights"}
 
@@ -304,13 +304,18 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
             if measure:
                 print(f"warning: the periodic FID measures from step {step} with {', '.join(measure)}: its values "
                       f"before and after are two series, not one curve", file=sys.stderr)
-        # with --disp-group-size 0 a dispersive group is one process's batch
+        # with --disp-group-size 0 a dispersive group is what one forward pass holds: one process's
+        # batch, or micro-batch under --accum-steps
         saved_world = ckpt.get("world_size", world)          # older checkpoints do not record it: no warning
         saved_batch = ckpt["args"].get("batch_size", args.batch_size)  # a hand-edited "8": the changed-flags warning
-        was, now = saved_batch // saved_world if isinstance(saved_batch, int) else None, args.batch_size // world
+        saved_accum = ckpt["args"].get("accum_steps", 1)    # runs from before the flag: 1
+        was = saved_batch // (saved_world * saved_accum) if isinstance(saved_batch, int) and \
+            isinstance(saved_accum, int) and saved_accum > 0 else None
+        now = args.batch_size // (world * args.accum_steps)
         if args.disp_group_size == 0 and was not in (None, now):
-            print(f"warning: resuming on {world} process(es) a run trained on {saved_world} with --disp-group-size 0: "
-                  f"each dispersive group (one process's batch) changes from {was} to {now} samples", file=sys.stderr)
+            print(f"warning: with --disp-group-size 0 each dispersive group is one forward pass's batch: {was} samples "
+                  f"in the run resumed ({saved_world} process(es) x {saved_accum} micro-batch(es)), {now} now "
+                  f"({world} x {args.accum_steps}); the loss changes", file=sys.stderr)
         if step >= args.steps:
             print(f"nothing to do: the checkpoint is at step {step} and --steps is {args.steps}")
     return step

@@ -9,6 +9,7 @@ and device first, then one line per log step), samples/ (grids of EMA samples) a
 checkpoints/. The same command plus --resume continues a run exactly where it stopped.
 """
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -42,7 +43,8 @@ def get_args(argv=None):
     g.add_argument("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the loss")
     g.add_argument("--disp-group-size", type=number(int, min=0), default=16, help="the loss is computed within "
                    "groups of this many consecutive samples of each GPU's batch and averaged: the paper's runs had 16 "
-                   "per device (the released PyTorch code 32); 0: the whole per-GPU batch as one group")
+                   "per device (the released PyTorch code 32); 0: the whole per-GPU batch (micro-batch, with --accum-steps) as "
+                   "one group")
     g = p.add_argument_group("the generative objective")
     g.add_argument("--objective", default="flow", choices=list(OBJECTIVES), help="flow matching (the paper's SiT), "
                    "or another objective of objectives.py; each has its own flags below")
@@ -60,6 +62,10 @@ def get_args(argv=None):
     g.add_argument("--unconditional", action="store_true", help="ignore the labels (no guidance possible)")
     g = p.add_argument_group("optimisation (AdamW)")
     g.add_argument("--batch-size", type=number(int, min=1), default=128, help="global batch, split across GPUs")
+    g.add_argument("--accum-steps", type=number(int, min=1), default=1,
+                   help="run each GPU's batch as this many equal micro-batches, their gradients summed before the one "
+                   "optimiser step: the same step in about 1/N of the activation memory, and the same loss while "
+                   "--disp-group-size divides the micro-batch; a log line's block diagnostics are the last micro-batch's")
     g.add_argument("--steps", type=number(int, min=1), default=400_000, help="total training steps")
     g.add_argument("--lr", type=number(float, min=0), default=1e-4, help="learning rate, constant after the warm-up")
     g.add_argument("--adam-beta2", type=number(float, min=0, below=1), default=0.999,
@@ -132,29 +138,51 @@ def build(args, data, device, world=1):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2),
                             weight_decay=args.weight_decay, fused=device.type == "cuda")
     objective = Objective.from_args(args, model, num_classes if num_classes else None)
-    reg, local = objective.reg, args.batch_size // world
-    if args.batch_size % (world * objective.views):
+    reg, accum = objective.reg, args.accum_steps
+    if args.batch_size % (world * accum * objective.views):
         raise UserError(f"--batch-size {args.batch_size} does not split into {world} process(es) x "
-                        f"{objective.views} view(s)")
+                        + (f"{accum} micro-batches (--accum-steps) x " if accum > 1 else "") + f"{objective.views} view(s)")
+    local = args.batch_size // (world * accum)        # what one forward pass holds
     if reg.group_size and local % reg.group_size:     # the baseline too: it logs the term, in the same groups
-        raise UserError(f"--disp-group-size {reg.group_size} does not divide the batch of {local} per process; "
-                        f"choose a divisor of it, or 0 for the whole batch")
+        where = "micro-batch" if accum > 1 else "batch"
+        raise UserError(f"--disp-group-size {reg.group_size} does not divide the {where} of {local} per process; "
+                        f"choose a divisor of it, or 0 for the whole {where}")
     if reg.weight > 0 and (reg.group_size or local) == 1:
         print("warning: the dispersive loss of 1 sample is constant (0) and does nothing", file=sys.stderr)
     return model, ema, opt, objective
 
 
-def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip, extra_blocks=()):
+def micro_batches(batch, n):
+    """batch = (x, y, draws) as n equal slices of consecutive samples (--accum-steps)."""
+    if n == 1:
+        return [batch]
+    x, y, draws = batch
+    parts = zip(*(v.chunk(n) for v in draws.values()))     # every draw has the batch as its first dimension
+    return list(zip(x.chunk(n), y.chunk(n), (dict(zip(draws, p)) for p in parts)))
+
+
+def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip, extra_blocks=(), accum=1):
     """One optimisation step on batch = (x, y, draws), as Batches gives it; returns the loss terms.
     net runs the forward pass (the model itself, or its DDP / torch.compile wrapper); model is the
-    bare module, whose weights are clipped, stepped and averaged into ema."""
-    x, y, draws = batch
+    bare module, whose weights are clipped, stepped and averaged into ema. With accum > 1 the batch
+    runs as that many micro-batches: each loss divided by accum, their gradients sum to the batch's
+    mean (the flow loss is a mean over samples, the dispersive loss a mean over its groups)."""
     for group in opt.param_groups:
         group["lr"] = lr
-    with autocast(x.device):
-        losses = objective(net, x, y, draws, extra_blocks)
     opt.zero_grad(set_to_none=True)
-    losses["total"].backward()
+    mean = {}
+    for i, (x, y, draws) in enumerate(micro_batches(batch, accum)):
+        # under DDP the gradients are averaged across GPUs once, in the last micro-batch's backward
+        last = i == accum - 1
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            with autocast(x.device):
+                losses = objective(net, x, y, draws, extra_blocks)
+            (losses["total"] / accum).backward()
+        for k in ("flow", "disp", "total"):
+            mean[k] = mean.get(k, 0) + losses[k].detach() / accum
+        if not last:
+            del losses      # its block outputs, freed before the next micro-batch's forward pass
+    losses.update(mean)       # the terms of the whole batch; losses["blocks"] are the last micro-batch's
     # the gradient's norm before clipping is logged, with or without clipping: it shows whether
     # --grad-clip binds, or would
     if grad_clip > 0:
@@ -182,7 +210,8 @@ def blocks_to_return(depth, compiled, log_now):
 def log_values(losses, reg):
     """What a log line reports (before averaging over GPUs): the loss terms; the dispersive loss of
     the regularised blocks whatever its weight, in the groups it is trained in and over the whole
-    per-GPU batch; and for every block the mean squared distance / d and rms of its outputs."""
+    per-GPU batch (with --accum-steps, the last micro-batch); and for every block the mean squared
+    distance / d and rms of its outputs."""
     blocks = {b: h.detach() for b, h in losses["blocks"].items()}     # diagnostics: no autograd graph
     # dispersive_loss itself, not reg(...): the logged measure stays the same in every arm even
     # when a fork changes what Dispersive.__call__ disperses (in the dispersive arm, as it is,
@@ -261,7 +290,8 @@ def main(argv=None):
             lr = args.lr * min(1.0, done / max(1, args.warmup_steps))
             losses = train_step(net, model, ema, opt, objective, batches(step), lr,
                                 min(args.ema_decay, (1 + step) / (10 + step)), args.grad_clip,
-                                extra_blocks=blocks_to_return(model.depth, args.compile, log_now))
+                                extra_blocks=blocks_to_return(model.depth, args.compile, log_now),
+                                accum=args.accum_steps)
             guard.update((losses["flow"], losses["disp"]), done)      # no host-device sync here
             pbar.update(1)
 

@@ -276,3 +276,41 @@ def test_ddp_comparison_has_teeth_whole_batch_groups_differ(image_folder, tmp_pa
     gaps = grad_gap(ckpt(one, 1), ckpt(two, 1)), weight_gap(ckpt(one, 2), ckpt(two, 2), ckpt(one, 1))
     print(f"groups of the whole batch, 1 vs 2 processes: gradient gap {gaps[0]:.2g}, weight gap {gaps[1]:.2g}")
     assert gaps[0] > 100 * GRAD_TOL and gaps[1] > 10 * WEIGHT_TOL, gaps
+
+
+@pytest.mark.parametrize("objective", present("flow", "contrastive"))
+def test_accumulated_micro_batches_make_the_whole_batchs_step(image_folder, tmp_path, objective):
+    """--accum-steps 2 runs each batch of 8 (contrastive: 8 views of 4 images) as two halves, each
+    loss halved before its backward. With groups of 2 the halves hold the batch's groups, so the
+    summed gradient is the whole batch's: the same step as one pass, to float rounding. With
+    --disp-group-size 0 a group is what one pass holds, 4 samples instead of 8: another loss."""
+    runs = {}
+    for name, group, accum in (("one", 2, 1), ("two", 2, 2), ("one_g0", 0, 1), ("two_g0", 0, 2)):
+        runs[name] = tmp_path / name
+        train.main(tiny_args(image_folder, runs[name], *ddp_flags(objective, group, 2), "--accum-steps", str(accum)))
+    log = {n: [r for r in read_jsonl(d / "metrics.jsonl") if r["type"] == "train"] for n, d in runs.items()}
+    for a, b in zip(log["one"], log["two"]):
+        assert b["flow"] == pytest.approx(a["flow"], rel=1e-5) and b["disp"] == pytest.approx(a["disp"], rel=1e-5)
+    one, two = runs["one"], runs["two"]
+    gaps = grad_gap(ckpt(one, 1), ckpt(two, 1)), weight_gap(ckpt(one, 2), ckpt(two, 2), ckpt(one, 1))
+    print(f"{objective}, 1 pass vs 2 micro-batches: gradient gap {gaps[0]:.2g}, weight gap {gaps[1]:.2g}")
+    assert gaps[0] < GRAD_TOL and gaps[1] < WEIGHT_TOL, gaps
+    # the teeth: whole-batch groups change with the micro-batch, and so do the loss and the step
+    a, b = log["one_g0"][0], log["two_g0"][0]
+    assert b["flow"] == pytest.approx(a["flow"], rel=1e-5) and b["disp"] != pytest.approx(a["disp"], rel=1e-3)
+    assert grad_gap(ckpt(runs["one_g0"], 1), ckpt(runs["two_g0"], 1)) > 100 * GRAD_TOL
+
+
+@pytest.mark.slow
+def test_ddp_with_accumulated_micro_batches_matches_one_process(image_folder, tmp_path):
+    """2 processes x 2 micro-batches of 2 samples: the gradients are averaged across the processes
+    in the last micro-batch's backward only (DDP's no_sync before it), and the step is still the
+    one process's whole batch of 8. Were the last backward not synced, the ranks would step on
+    their own halves and the weights would differ."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(tiny_args(image_folder, one, *ddp_flags("flow", 2, 2)))
+    r = torchrun(2, "train.py", *tiny_args(image_folder, two, *ddp_flags("flow", 2, 2), "--accum-steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    gaps = grad_gap(ckpt(one, 1), ckpt(two, 1)), weight_gap(ckpt(one, 2), ckpt(two, 2), ckpt(one, 1))
+    print(f"1 process vs 2 processes x 2 micro-batches: gradient gap {gaps[0]:.2g}, weight gap {gaps[1]:.2g}")
+    assert gaps[0] < GRAD_TOL and gaps[1] < WEIGHT_TOL, gaps

@@ -402,7 +402,13 @@ def test_resuming_whole_batch_groups_on_another_number_of_processes_warns(image_
     torch.save(ck, path)
     capsys.readouterr()
     train.main(args + ["--steps", "3", "--resume"])
-    assert "each dispersive group (one process's batch) changes from 4 to 8 samples" in capsys.readouterr().err
+    assert ("each dispersive group is one forward pass's batch: 4 samples in the run resumed (2 process(es) x 1 "
+            "micro-batch(es)), 8 now (1 x 1)") in capsys.readouterr().err
+    # so does what --accum-steps holds in one pass: 8 -> 4 (and no changed-flags warning: it is plumbing)
+    train.main(args + ["--steps", "4", "--resume", "--accum-steps", "2"])
+    err = capsys.readouterr().err
+    assert "8 samples in the run resumed (1 process(es) x 1 micro-batch(es)), 4 now (1 x 2)" in err, err
+    assert "changed" not in err, err
 
 
 def test_resume_needs_the_optimiser_state(image_folder, tmp_path):
@@ -640,6 +646,9 @@ def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
     (["--disp-tau", "0"], "--disp-tau: must be a finite number > 0, got 0"),
     (["--disp-tau", "x"], "--disp-tau: must be a finite number > 0, got 'x'"),
     (["--disp-group-size", "3"], "--disp-group-size 3 does not divide the batch of 8 per process"),
+    (["--accum-steps", "3"], "--batch-size 8 does not split into 1 process(es) x 3 micro-batches (--accum-steps) x 1 view"),
+    (["--accum-steps", "4"], "--disp-group-size 4 does not divide the micro-batch of 2 per process"),
+    (["--accum-steps", "0"], "--accum-steps: must be an integer >= 1, got 0"),
     (["--adam-beta2", "1"], "--adam-beta2: must be a finite number >= 0 and < 1, got 1"),
     (["--model", "DiT-Huge/2"], "invalid choice: 'DiT-Huge/2'"),
     (["--disp-variant", "nope"], "invalid choice: 'nope'"),
