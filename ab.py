@@ -94,6 +94,10 @@ def check_reusable(out, wanted):
     changed = [] if arm_there == arm_wanted else [f"arm {arm_there!r}, not {arm_wanted!r}"]
     changed += [f"--{k.replace('_', '-')} {there[k]}, not {wanted[k]}" for k in changed_flags(there, wanted)
                 if k not in DEFAULTS]
+    # --accum-steps is plumbing, but with whole-batch groups a group is one micro-batch: another loss
+    if wanted.get("disp_group_size") == 0 and there.get("accum_steps", 1) != wanted.get("accum_steps", 1):
+        changed.append(f"--accum-steps {there.get('accum_steps', 1)}, not {wanted.get('accum_steps', 1)}, "
+                       f"with --disp-group-size 0")
     if changed:
         raise UserError(f"{out} holds a run trained with other flags ({'; '.join(changed)}); move it, "
                         f"or give another --root")

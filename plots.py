@@ -251,12 +251,12 @@ def curves(run_dirs, out):
 
 
 def floor_of(config):
-    """G of the log's disp_diag (train.log_values: the training groups, or the whole per-process batch)
+    """G of the log's disp_diag (train.log_values: the training groups, or what one forward pass holds)
     for the InfoNCE-L2 form, whose value lies in [-log G, 0]; None for the other forms."""
     a = config["args"]
     if a.get("disp_variant", "infonce_l2") != "infonce_l2":
         return None
-    local = a["batch_size"] // config.get("world_size", 1)
+    local = a["batch_size"] // (config.get("world_size", 1) * a.get("accum_steps", 1))    # one forward pass
     G = a.get("disp_group_size", 0)
     return G if G and local % G == 0 else local
 

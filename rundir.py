@@ -315,7 +315,7 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
         if args.disp_group_size == 0 and was not in (None, now):
             print(f"warning: with --disp-group-size 0 each dispersive group is one forward pass's batch: {was} samples "
                   f"in the run resumed ({saved_world} process(es) x {saved_accum} micro-batch(es)), {now} now "
-                  f"({world} x {args.accum_steps}); the loss changes", file=sys.stderr)
+                  f"({world} x {args.accum_steps}); the dispersive term changes", file=sys.stderr)
         if step >= args.steps:
             print(f"nothing to do: the checkpoint is at step {step} and --steps is {args.steps}")
     return step

@@ -64,8 +64,8 @@ def get_args(argv=None):
     g.add_argument("--batch-size", type=number(int, min=1), default=128, help="global batch, split across GPUs")
     g.add_argument("--accum-steps", type=number(int, min=1), default=1,
                    help="run each GPU's batch as this many equal micro-batches, their gradients summed before the one "
-                   "optimiser step: the same step in about 1/N of the activation memory, and the same loss while "
-                   "--disp-group-size divides the micro-batch; a log line's block diagnostics are the last micro-batch's")
+                   "optimiser step: the same step in about 1/N of the activation memory, and the same loss unless "
+                   "--disp-group-size is 0; a log line's block diagnostics are the last micro-batch's")
     g.add_argument("--steps", type=number(int, min=1), default=400_000, help="total training steps")
     g.add_argument("--lr", type=number(float, min=0), default=1e-4, help="learning rate, constant after the warm-up")
     g.add_argument("--adam-beta2", type=number(float, min=0, below=1), default=0.999,
@@ -153,28 +153,31 @@ def build(args, data, device, world=1):
 
 
 def micro_batches(batch, n):
-    """batch = (x, y, draws) as n equal slices of consecutive samples (--accum-steps)."""
-    if n == 1:
-        return [batch]
+    """batch = (x, y, draws) as n equal slices of consecutive samples (--accum-steps); every draw
+    has the batch as its first dimension."""
     x, y, draws = batch
-    parts = zip(*(v.chunk(n) for v in draws.values()))     # every draw has the batch as its first dimension
-    return list(zip(x.chunk(n), y.chunk(n), (dict(zip(draws, p)) for p in parts)))
+    assert len(x) % n == 0, (len(x), n)      # build() refuses such a --batch-size
+    m = len(x) // n
+    return [(x[i:i + m], y[i:i + m], {k: v[i:i + m] for k, v in draws.items()}) for i in range(0, len(x), m)]
 
 
 def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip, extra_blocks=(), accum=1):
     """One optimisation step on batch = (x, y, draws), as Batches gives it; returns the loss terms.
     net runs the forward pass (the model itself, or its DDP / torch.compile wrapper); model is the
     bare module, whose weights are clipped, stepped and averaged into ema. With accum > 1 the batch
-    runs as that many micro-batches: each loss divided by accum, their gradients sum to the batch's
-    mean (the flow loss is a mean over samples, the dispersive loss a mean over its groups)."""
+    runs as that many equal micro-batches, each holding whole dispersive groups: each loss divided
+    by accum, their gradients sum to the batch's mean (the flow loss is a mean over samples, the
+    dispersive loss a mean over its groups)."""
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     mean = {}
     for i, (x, y, draws) in enumerate(micro_batches(batch, accum)):
-        # under DDP the gradients are averaged across GPUs once, in the last micro-batch's backward
+        # under DDP the gradients are averaged across GPUs once, in the last micro-batch's backward;
+        # DDP has no_sync (through torch.compile's wrapper too), a bare model has not
         last = i == accum - 1
-        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+        sync = last or not hasattr(net, "no_sync")
+        with contextlib.nullcontext() if sync else net.no_sync():
             with autocast(x.device):
                 losses = objective(net, x, y, draws, extra_blocks)
             (losses["total"] / accum).backward()
@@ -215,7 +218,8 @@ def log_values(losses, reg):
     blocks = {b: h.detach() for b, h in losses["blocks"].items()}     # diagnostics: no autograd graph
     # dispersive_loss itself, not reg(...): the logged measure stays the same in every arm even
     # when a fork changes what Dispersive.__call__ disperses (in the dispersive arm, as it is,
-    # disp_diag equals disp; the baseline's disp is 0, its disp_diag what the term would be)
+    # disp_diag equals disp, or with --accum-steps its last micro-batch's part; the baseline's disp
+    # is 0, its disp_diag what the term would be)
     diag = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
                                            for b in reg.blocks]).mean()
     stats = {b: block_stats(blocks[b]) for b in sorted(blocks)}          # (distance, rms) of every block

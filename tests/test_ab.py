@@ -375,6 +375,15 @@ def test_ab_sweeps_the_papers_settings(image_folder, tmp_path, capsys):
     assert delta("dispersive", "disp_diag") == f"{by['dispersive']['disp_diag'] - base['disp_diag']:.4g}"
     assert all(delta(a, "disp_diag") == "-" for a in ("dispersive τ=1", "dispersive block 4", "dispersive hinge"))
 
+    # --accum-steps is plumbing, except with whole-batch groups, where a group is one micro-batch
+    there = dict(plots.read_log(root / "baseline_s0")[0]["args"])
+    ab.check_reusable(root / "baseline_s0", dict(there, accum_steps=2))
+    g0 = tmp_path / "g0"
+    g0.mkdir()
+    (g0 / "metrics.jsonl").write_text(json.dumps({"type": "config", "args": dict(there, disp_group_size=0)}) + "\n")
+    with pytest.raises(UserError, match=r"--accum-steps 1, not 2, with --disp-group-size 0"):
+        ab.check_reusable(g0, dict(there, disp_group_size=0, accum_steps=2))
+    ab.check_reusable(g0, dict(there, disp_group_size=0, accum_steps=1))
     # a directory that holds a run trained with other flags is not taken for the one ab.py would train there
     with pytest.raises(UserError, match=r"dispersive_s0 holds a run trained with other flags \(--lr 0.0001, not 0.05\)"):
         ab.main(["--steps", "2", "--arms", "dispersive", "--root", str(root), "--", *targs, "--lr", "0.05"])

@@ -281,16 +281,18 @@ def test_ddp_comparison_has_teeth_whole_batch_groups_differ(image_folder, tmp_pa
 @pytest.mark.parametrize("objective", present("flow", "contrastive"))
 def test_accumulated_micro_batches_make_the_whole_batchs_step(image_folder, tmp_path, objective):
     """--accum-steps 2 runs each batch of 8 (contrastive: 8 views of 4 images) as two halves, each
-    loss halved before its backward. With groups of 2 the halves hold the batch's groups, so the
+    loss halved before its backward. With groups of 2 (4 views) the halves hold the batch's groups, so the
     summed gradient is the whole batch's: the same step as one pass, to float rounding. With
     --disp-group-size 0 a group is what one pass holds, 4 samples instead of 8: another loss."""
     runs = {}
-    for name, group, accum in (("one", 2, 1), ("two", 2, 2), ("one_g0", 0, 1), ("two_g0", 0, 2)):
+    G = 4 if objective == "contrastive" else 2      # contrastive: a group of one pair has InfoNCE 0
+    for name, group, accum in (("one", G, 1), ("two", G, 2), ("one_g0", 0, 1), ("two_g0", 0, 2)):
         runs[name] = tmp_path / name
         train.main(tiny_args(image_folder, runs[name], *ddp_flags(objective, group, 2), "--accum-steps", str(accum)))
     log = {n: [r for r in read_jsonl(d / "metrics.jsonl") if r["type"] == "train"] for n, d in runs.items()}
     for a, b in zip(log["one"], log["two"]):
         assert b["flow"] == pytest.approx(a["flow"], rel=1e-5) and b["disp"] == pytest.approx(a["disp"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) and a["disp"] != 0, (a, b)
     one, two = runs["one"], runs["two"]
     gaps = grad_gap(ckpt(one, 1), ckpt(two, 1)), weight_gap(ckpt(one, 2), ckpt(two, 2), ckpt(one, 1))
     print(f"{objective}, 1 pass vs 2 micro-batches: gradient gap {gaps[0]:.2g}, weight gap {gaps[1]:.2g}")
