@@ -309,8 +309,9 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
         saved_world = ckpt.get("world_size", world)          # older checkpoints do not record it: no warning
         saved_batch = ckpt["args"].get("batch_size", args.batch_size)  # a hand-edited "8": the changed-flags warning
         saved_accum = ckpt["args"].get("accum_steps", 1)    # runs from before the flag: 1
-        was = saved_batch // (saved_world * saved_accum) if isinstance(saved_batch, int) and \
-            isinstance(saved_accum, int) and saved_accum > 0 else None
+        was = None                                           # a hand-edited value: no warning
+        if isinstance(saved_batch, int) and isinstance(saved_accum, int) and saved_accum > 0:
+            was = saved_batch // (saved_world * saved_accum)
         now = args.batch_size // (world * args.accum_steps)
         if args.disp_group_size == 0 and was not in (None, now):
             print(f"warning: with --disp-group-size 0 each dispersive group is one forward pass's batch: {was} samples "
