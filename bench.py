@@ -199,7 +199,8 @@ def make_train_step(args, device, disp_weight, mode):
                     flip=True).to(device)
     targs = train.get_args(["--model", args.model, "--batch-size", str(args.batch_size), "--objective", args.objective,
                             "--disp-weight", str(disp_weight), "--disp-tau", str(args.disp_tau),
-                            "--disp-group-size", str(args.disp_group_size), "--data", "folder", "--warmup-steps", "0",
+                            "--disp-group-size", str(args.disp_group_size), "--accum-steps", str(args.accum_steps),
+                            "--data", "folder", "--warmup-steps", "0",
                             *(["--disp-block", str(args.disp_block)] if args.disp_block else []),
                             *(["--compile"] if mode != "eager" else [])])
     model, ema, opt, objective = train.build(targs, data, device)
@@ -211,8 +212,15 @@ def make_train_step(args, device, disp_weight, mode):
     def step(i):
         train.train_step(net, model, ema, opt, loss_fn, batches(i % batches.stream.steps_per_epoch), targs.lr,
                          min(targs.ema_decay, (1 + i) / (10 + i)), targs.grad_clip,
-                         extra_blocks=train.blocks_to_return(model.depth, mode != "eager", log_now=False))
+                         extra_blocks=train.blocks_to_return(model.depth, mode != "eager", log_now=False),
+                         accum=args.accum_steps)
     return step, objective
+
+
+def group_size(args):
+    """The dispersive group of one forward pass: --disp-group-size, or 0 for the whole
+    (micro-)batch, as train.py groups it."""
+    return args.disp_group_size or args.batch_size // args.accum_steps
 
 
 def make_term(args, device):
@@ -223,7 +231,8 @@ def make_term(args, device):
     difference of two long steps (bench.py's overhead column) but a number of its own."""
     _, hidden, _, patch = MODELS[args.model]
     z = torch.randn(args.batch_size, (args.image_size // patch) ** 2, hidden, device=device, requires_grad=True)
-    reg = Dispersive(args.disp_weight, args.disp_tau, (1,), group_size=args.disp_group_size)
+    # group size 0 is one group per forward pass: the micro-batch under --accum-steps
+    reg = Dispersive(args.disp_weight, args.disp_tau, (1,), group_size=group_size(args))
 
     def term(i):
         z.grad = None
@@ -283,7 +292,7 @@ def time_gram_candidates(args, device):
     on a float32 block output of the model's shape, in its dispersive groups, eager, and its
     largest error against a float64 product (TF32 shows there), over the largest entry."""
     _, hidden, _, patch = MODELS[args.model]
-    G = args.disp_group_size or args.batch_size
+    G = group_size(args)
     z = torch.randn(args.batch_size // G, G, (args.image_size // patch) ** 2 * hidden, device=device,
                     requires_grad=True)
     dg = torch.randn(z.shape[0], G, G, device=device)
@@ -341,6 +350,8 @@ def get_args(argv=None):
       "matrix products, and reduce-overhead's CUDA graphs cut launches: candidates for docs/speed.md's targets)")
     a("--gram-candidates", action="store_true", help="also time the candidates for the dispersive term's Gram "
       "product (GRAM_CANDIDATES), forward and backward, alone")
+    a("--accum-steps", type=pos, default=1, help="each training step as this many micro-batches, as train.py's "
+      "(what the memory column saves, and what the smaller passes cost in time)")
     a("--steps", type=pos, default=10, help="timed training steps per round")
     a("--rounds", type=pos, default=3, help="rounds of --steps steps; the median round is reported")
     a("--warmup", type=number(int, min=0), default=5, help="untimed steps before timing (compilation happens here)")
@@ -361,11 +372,16 @@ def get_args(argv=None):
         raise UserError(f"--image-size {args.image_size} is not divisible by {args.model}'s patch size {patch}")
     # train.build() checks these too, but only after the table's header is out
     parse_blocks(None if args.disp_block is None else str(args.disp_block), depth)
-    if args.batch_size % OBJECTIVES[args.objective].views:
-        raise UserError(f"--batch-size {args.batch_size} does not split into {OBJECTIVES[args.objective].views} views "
-                        f"of each image ({args.objective})")
-    if args.disp_group_size and args.batch_size % args.disp_group_size:
-        raise UserError(f"--disp-group-size {args.disp_group_size} does not divide --batch-size {args.batch_size}")
+    views = OBJECTIVES[args.objective].views
+    if args.batch_size % (args.accum_steps * views):
+        parts = ([f"{args.accum_steps} micro-batches (--accum-steps)"] if args.accum_steps > 1 else []) \
+            + ([f"{views} views of each image ({args.objective})"] if views > 1 else [])
+        raise UserError(f"--batch-size {args.batch_size} does not split into {' of '.join(parts)}")
+    micro = args.batch_size // args.accum_steps
+    if args.disp_group_size and micro % args.disp_group_size:
+        raise UserError(f"--disp-group-size {args.disp_group_size} does not divide "
+                        + (f"the micro-batch of {micro} (--accum-steps)" if args.accum_steps > 1
+                           else f"--batch-size {args.batch_size}"))
     args.sample_steps = args.sample_steps or OBJECTIVES[args.objective].sample_steps
     args.sample_batch = args.sample_batch or args.batch_size
     return args
@@ -397,7 +413,8 @@ def main(argv=None):
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"device: {describe_device(device)}; torch {torch.__version__} (CUDA {torch.version.cuda}); {precision}; "
           f"peak {f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}")
-    print(f"{args.model}, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, "
+    print(f"{args.model}, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}"
+          f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''}, "
           f"{macs / 1e9:.3f} GMACs forward per image; median of {args.rounds} rounds of {args.steps} steps "
           f"after {args.warmup} warmup steps; "
           f"{f'torch.compile mode {args.compile_mode}; ' if args.compile or args.compile_loss else ''}"
@@ -429,7 +446,7 @@ def main(argv=None):
     term, copy, shape = make_term(args, device)
     (sec_term, sec_copy), _ = timed([term, copy], args.warmup, args.steps, args.rounds, device)
     print(f"\nwhat the dispersive term costs alone (eager, forward and backward, a float32 block output of "
-          f"{shape}, groups of {args.disp_group_size or args.batch_size}): {1000 * sec_term:.3f} ms; one copy of "
+          f"{shape}, groups of {group_size(args)}): {1000 * sec_term:.3f} ms; one copy of "
           f"that output: {1000 * sec_copy:.3f} ms")
     del term, copy
     if args.gram_candidates:

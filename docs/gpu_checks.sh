@@ -16,6 +16,8 @@
 #   s2_autotune (480) the same for DiT-S/2, training and sampling (the 40% and the 90 s targets:
 #                     GELU fused into the first MLP product is what sampling's profile asks for)
 #   s2_meanflow (180) bench.py, MeanFlow's step (its JVP) and 1-step sampling
+#   s2_accum (150)    bench.py, DiT-S/2's batch of 256 in 4 micro-batches (train.py --accum-steps 4):
+#                     what the memory column saves and the smaller passes cost, against s2's rows
 # bench.py times train.py's own build() and train_step(); --profile adds where the compiled
 # step's GPU time goes. Nothing here is needed for CI; tests/test_docs.py checks that every
 # command parses.
@@ -60,6 +62,8 @@ for c in $CHECKS; do
             --warmup 3 --sample-batch 1024 --sample-batches 2 ;;
     s2_meanflow) check s2_meanflow 180 $py bench.py --model DiT-S/2 --objective meanflow --compile --warmup 3 \
             --sample-batch 1024 ;;
-    *) echo "unknown check $c (CHECKS may list: s2 b2 train b2_autotune s2_autotune s2_meanflow)"; exit 2 ;;
+    s2_accum) check s2_accum 150 $py bench.py --model DiT-S/2 --compile --warmup 3 --sample-batches 0 \
+            --accum-steps 4 ;;
+    *) echo "unknown check $c (CHECKS may list: s2 b2 train b2_autotune s2_autotune s2_meanflow s2_accum)"; exit 2 ;;
     esac
 done

@@ -141,13 +141,15 @@ def test_gpu_checks_script_commands_parse(tmp_path):
         z.writestr("train/cat/0001.jpg", b"")
     # every check the script has (its case labels: a fork that deletes MeanFlow deletes s2_meanflow)
     checks = re.findall(r"^    (\w+)\)", open(os.path.join(ROOT, "docs", "gpu_checks.sh")).read(), re.M)
-    assert {"s2", "b2", "train", "b2_autotune", "s2_autotune"} <= set(checks)
+    assert {"s2", "b2", "train", "b2_autotune", "s2_autotune", "s2_accum"} <= set(checks)
     ran = dict(zip(checks, walk_gpu_script("gpu_checks.sh", tmp_path, str(tmp_path / "c.zip"), CHECKS=" ".join(checks))))
     assert len(ran) == len(checks)      # one command each
     assert {c: (s, flag(a, "--model")) for c, (s, a) in ran.items() if c != "s2_meanflow"} == {
         "s2": ("bench.py", "DiT-S/2"), "b2": ("bench.py", "DiT-B/2"), "train": ("train.py", "DiT-S/2"),
-        "b2_autotune": ("bench.py", "DiT-B/2"), "s2_autotune": ("bench.py", "DiT-S/2")}
+        "b2_autotune": ("bench.py", "DiT-B/2"), "s2_autotune": ("bench.py", "DiT-S/2"),
+        "s2_accum": ("bench.py", "DiT-S/2")}
     assert flag(ran["train"][1], "--data-path") == str(tmp_path / "cifar" / "train")
+    assert flag(ran["s2_accum"][1], "--accum-steps") == "4"     # s2's batch of 256, in micro-batches of 64
     for c in ("b2_autotune", "s2_autotune"):
         assert flag(ran[c][1], "--compile-mode") == "max-autotune-no-cudagraphs"
     assert flag(ran["s2_autotune"][1], "--sample-batches") == "2"     # it times sampling too

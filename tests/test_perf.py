@@ -171,6 +171,24 @@ def test_bench_compiles_every_row_in_the_mode_asked(monkeypatch, capsys):
     assert "torch.compile mode max-autotune-no-cudagraphs" in capsys.readouterr().out
 
 
+def test_bench_times_the_accumulated_step(monkeypatch, capsys):
+    """--accum-steps reaches train.py's train_step, the header says so, and the term timed alone
+    takes the groups training takes: group size 0 is one group per micro-batch."""
+    accums, step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, accum=1, **kw: accums.append(accum) or step(*a, accum=accum, **kw))
+    bench.main(["--device", "cpu", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "8", "--steps", "1",
+                "--rounds", "1", "--warmup", "0", "--sample-batches", "0", "--disp-group-size", "0",
+                "--accum-steps", "2"])
+    out = capsys.readouterr().out
+    assert accums == [2, 2]             # one timed step of each row (weight 0 and 0.5)
+    assert "batch 8 in 2 micro-batches" in out
+    assert "a float32 block output of (8, 16, 128), groups of 4): " in out
+    with pytest.raises(UserError, match=r"--batch-size 8 does not split into 3 micro-batches \(--accum-steps\)$"):
+        bench.get_args(["--batch-size", "8", "--accum-steps", "3", "--disp-group-size", "0"])
+    with pytest.raises(UserError, match="--disp-group-size 8 does not divide the micro-batch of 4"):
+        bench.get_args(["--batch-size", "8", "--accum-steps", "2", "--disp-group-size", "8"])
+
+
 @pytest.mark.slow
 def test_under_torchrun_what_fails_on_rank_0_alone_stops_every_rank_with_one_line(image_folder, tmp_path):
     """Rank 0 alone takes the run directory (its lock), downloads first, loads the FID file and
