@@ -37,7 +37,8 @@ def get_args(argv=None):
     g = p.add_argument_group("the method: dispersive loss (the paper's settings; loss.py). The optimisation "
                              "defaults are not all the paper's: README.md's table says which differ")
     g.add_argument("--disp-weight", type=number(float, min=0), default=0.5, help="lambda; 0 trains the baseline")
-    g.add_argument("--disp-tau", type=number(float, above=0), default=0.5, help="temperature tau")
+    g.add_argument("--disp-tau", type=number(float, above=0), default=0.5,
+                   help="temperature tau of the InfoNCE forms (hinge and covariance have none)")
     g.add_argument("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or "
                    "'all' (default: depth // 4, the paper's; the released PyTorch code used 'last')")
     g.add_argument("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the loss")
@@ -61,7 +62,8 @@ def get_args(argv=None):
                    "checked against the image size the latents were encoded from")
     g.add_argument("--unconditional", action="store_true", help="ignore the labels (no guidance possible)")
     g = p.add_argument_group("optimisation (AdamW)")
-    g.add_argument("--batch-size", type=number(int, min=1), default=128, help="global batch, split across GPUs")
+    g.add_argument("--batch-size", type=number(int, min=1), default=128,
+                   help="global batch, split across GPUs (the paper's: 256)")
     g.add_argument("--accum-steps", type=number(int, min=1), default=1,
                    help="run each GPU's batch as this many equal micro-batches, their gradients summed before the one "
                    "optimiser step: the same step in about 1/N of the activation memory, and the same loss unless "
@@ -70,11 +72,14 @@ def get_args(argv=None):
     g.add_argument("--lr", type=number(float, min=0), default=1e-4, help="learning rate, constant after the warm-up")
     g.add_argument("--adam-beta2", type=number(float, min=0, below=1), default=0.999,
                    help="AdamW beta2: 0.999 as SiT / DiT and the released code; the paper states 0.95")
-    g.add_argument("--warmup-steps", type=number(int, min=0), default=1000, help="linear learning-rate warm-up")
-    g.add_argument("--weight-decay", type=number(float, min=0), default=0.0, help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=number(float, min=0), default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--warmup-steps", type=number(int, min=0), default=1000,
+                   help="linear learning-rate warm-up (the paper: none)")
+    g.add_argument("--weight-decay", type=number(float, min=0), default=0.0, help="AdamW weight decay (the paper's: 0)")
+    g.add_argument("--grad-clip", type=number(float, min=0), default=1.0,
+                   help="clip the gradient norm (0: off, as in the paper)")
     g.add_argument("--ema-decay", type=number(float, min=0, below=1), default=0.9999,
-                   help="EMA decay, ramped up as min(decay, (1+s)/(10+s)) so that early samples are not noise")
+                   help="EMA decay, ramped up as min(decay, (1+s)/(10+s)) so that early samples are not noise (SiT's code: "
+                   "0.9999, not ramped)")
     g.add_argument("--seed", type=number(int, min=0, max=2**32 - 1), default=0,
                    help="seed for the weights, data order and noise")
     g = p.add_argument_group("the run")
@@ -85,10 +90,11 @@ def get_args(argv=None):
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--log-every", type=number(int, min=1), default=50, help="steps between log lines (the only per-step syncs)")
     g.add_argument("--sample-every", type=number(int, min=0), default=5000, help="steps between grids of EMA samples (0: never)")
-    g.add_argument("--sample-solver", choices=SOLVERS, default=None, help="their solver, and the periodic FID's "
+    g.add_argument("--sample-solver", choices=SOLVERS, default=None, help="solver of the sample grids and the periodic FID "
                    "(default: the objective's; the paper's tables: dopri5)")
-    g.add_argument("--sample-steps", type=number(int, min=1), default=None, help="solver steps for them (default: the objective's)")
-    g.add_argument("--sample-cfg", type=number(float), default=1.0, help="guidance scale for them")
+    g.add_argument("--sample-steps", type=number(int, min=1), default=None, help="solver steps of the grids and the periodic FID "
+                   "(default: the objective's)")
+    g.add_argument("--sample-cfg", type=number(float), default=1.0, help="guidance scale of the grids and the periodic FID")
     g.add_argument("--ckpt-every", type=number(int, min=1), default=10_000, help="steps between checkpoints (and at the end)")
     g.add_argument("--keep-ckpts", type=number(int, min=0), default=3, help="how many recent checkpoints to keep (0: all)")
     fid.add_args(p)

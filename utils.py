@@ -47,10 +47,10 @@ def run_main(main):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's layout and shows every flag's default (unless the help text
-    already says it, or there is none to show)."""
+    already says it, or there is none to show; a default of 0 is shown, though 0 == False)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

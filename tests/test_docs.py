@@ -153,3 +153,15 @@ def test_gpu_checks_script_commands_parse(tmp_path):
     for c in ("b2_autotune", "s2_autotune"):
         assert flag(ran[c][1], "--compile-mode") == "max-autotune-no-cudagraphs"
     assert flag(ran["s2_autotune"][1], "--sample-batches") == "2"     # it times sampling too
+
+
+def test_help_shows_every_default_including_zero(capsys):
+    """utils.HelpFormatter adds "(default: X)" to each flag's help: a default of 0 too (the
+    paper's weight decay; 0 == False in Python, which once hid it), but not a switch's False."""
+    import train
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())     # argparse's line wrapping undone
+    assert "AdamW weight decay (the paper's: 0) (default: 0.0)" in text
+    assert "seed for the weights, data order and noise (default: 0)" in text
+    assert "torch.compile the model (GPU: faster after a minute) --device" in text    # a switch: no default shown
