@@ -41,7 +41,8 @@ def get_args(argv=None):
                    help="temperature tau of the InfoNCE forms (hinge and covariance have none)")
     g.add_argument("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or "
                    "'all' (default: depth // 4, the paper's; the released PyTorch code used 'last')")
-    g.add_argument("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the loss")
+    g.add_argument("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the loss (covariance's "
+                   "gradient is far larger at the same lambda: docs/cpu_studies.md swept it down to 0.0005)")
     g.add_argument("--disp-group-size", type=number(int, min=0), default=16, help="the loss is computed within "
                    "groups of this many consecutive samples of each GPU's batch and averaged: the paper's runs had 16 "
                    "per device (the released PyTorch code 32); 0: the whole per-GPU batch (micro-batch, with --accum-steps) as "
