@@ -101,6 +101,18 @@ def get_args(argv=None):
     fid.add_args(p)
     args = p.parse_args(argv)
 
+    refuse_ignored_flags(args, p, own_flags)
+    if args.out is None and args.resume:
+        args.out = rundir.out_from_resume(args.resume)
+    if args.out is None:
+        kind = "" if args.objective == "flow" else f"_{args.objective}"
+        args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}{kind}_w{args.disp_weight:g}_s{args.seed}")
+    return args
+
+
+def refuse_ignored_flags(args, p, own_flags):
+    """A flag that the other flags make pointless is an error, not silently ignored: a user who
+    set it expects it to matter. own_flags: {objective: its argparse actions}."""
     for name, actions in own_flags.items():   # another objective's flags would be silently ignored
         changed = [a.option_strings[0] for a in actions if name != args.objective and getattr(args, a.dest) != a.default]
         if changed:
@@ -120,12 +132,6 @@ def get_args(argv=None):
     if sample_flags and not args.sample_every and not args.fid_every:
         raise UserError(f"{', '.join(sample_flags)}: flags of the grids and the periodic FID, and --sample-every 0 "
                         f"without --fid-every draws neither")
-    if args.out is None and args.resume:
-        args.out = rundir.out_from_resume(args.resume)
-    if args.out is None:
-        kind = "" if args.objective == "flow" else f"_{args.objective}"
-        args.out = os.path.join("runs", f"{args.data}_{args.model.replace('/', '-')}{kind}_w{args.disp_weight:g}_s{args.seed}")
-    return args
 
 
 def build(args, data, device, world=1):
