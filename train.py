@@ -229,15 +229,16 @@ def log_values(losses, reg):
     per-GPU batch (with --accum-steps, the last micro-batch); and for every block the mean squared
     distance / d and rms of its outputs."""
     blocks = {b: h.detach() for b, h in losses["blocks"].items()}     # diagnostics: no autograd graph
-    # dispersive_loss itself, not reg(...): the logged measure stays the same in every arm even
-    # when a fork changes what Dispersive.__call__ disperses (in the dispersive arm, as it is,
-    # disp_diag equals disp, or with --accum-steps its last micro-batch's part; the baseline's disp
-    # is 0, its disp_diag what the term would be)
-    diag = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
-                                           for b in reg.blocks]).mean()
+    # disp_diag (a diagnostic; nothing to do with the Gram matrix's diagonal) is the dispersive loss
+    # of the regularised blocks, measured alike in every arm: the baseline trains with disp = 0, and
+    # this shows what its term would be; in the dispersive arm it equals disp (with --accum-steps,
+    # the last micro-batch's part). It calls dispersive_loss, not reg(...), so that a fork that
+    # changes what Dispersive.__call__ disperses keeps the same measure.
+    measured = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
+                                               for b in reg.blocks]).mean()
     stats = {b: block_stats(blocks[b]) for b in sorted(blocks)}          # (distance, rms) of every block
     return {"flow": losses["flow"], "disp": losses["disp"], "total": losses["total"], "grad_norm": losses["grad_norm"],
-            "disp_diag": diag(reg.group_size), "disp_diag_batch": diag(0),
+            "disp_diag": measured(reg.group_size), "disp_diag_batch": measured(0),
             "mean_sq_dist": torch.stack([stats[b][0] for b in reg.blocks]).mean(),
             "block_dist": torch.stack([s[0] for s in stats.values()]),
             "block_rms": torch.stack([s[1] for s in stats.values()])}
