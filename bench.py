@@ -228,7 +228,9 @@ def make_term(args, device):
     block output of the model's shape (the residual stream is float32 under autocast too), and
     one copy of that output: a read and a write of it, the memory floor of a term that reads it
     once and writes its gradient once. Timed apart from the step, the term's cost is not the small
-    difference of two long steps (bench.py's overhead column) but a number of its own."""
+    difference of two long steps (bench.py's overhead column) but a number of its own. Under
+    --accum-steps it is one call in the micro-batches' groups, where train.py makes one call per
+    micro-batch: the same arithmetic, fewer launches."""
     _, hidden, _, patch = MODELS[args.model]
     z = torch.randn(args.batch_size, (args.image_size // patch) ** 2, hidden, device=device, requires_grad=True)
     # group size 0 is one group per forward pass: the micro-batch under --accum-steps
@@ -351,7 +353,7 @@ def get_args(argv=None):
     a("--gram-candidates", action="store_true", help="also time the candidates for the dispersive term's Gram "
       "product (GRAM_CANDIDATES), forward and backward, alone")
     a("--accum-steps", type=pos, default=1, help="each training step as this many micro-batches, as train.py's "
-      "(what the memory column saves, and what the smaller passes cost in time)")
+      "(compare its peak memory and ms / step with a run without it)")
     a("--steps", type=pos, default=10, help="timed training steps per round")
     a("--rounds", type=pos, default=3, help="rounds of --steps steps; the median round is reported")
     a("--warmup", type=number(int, min=0), default=5, help="untimed steps before timing (compilation happens here)")

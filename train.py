@@ -42,7 +42,7 @@ def get_args(argv=None):
     g.add_argument("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or "
                    "'all' (default: depth // 4, the paper's; the released PyTorch code used 'last')")
     g.add_argument("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the loss (covariance's "
-                   "gradient is far larger at the same lambda: docs/cpu_studies.md swept it down to 0.0005)")
+                   "term is far larger at the same lambda: docs/cpu_studies.md swept it down to 0.0005)")
     g.add_argument("--disp-group-size", type=number(int, min=0), default=16, help="the loss is computed within "
                    "groups of this many consecutive samples of each GPU's batch and averaged: the paper's runs had 16 "
                    "per device (the released PyTorch code 32); 0: the whole per-GPU batch (micro-batch, with --accum-steps) as "
@@ -232,7 +232,7 @@ def log_values(losses, reg):
     # disp_diag (a diagnostic; nothing to do with the Gram matrix's diagonal) is the dispersive loss
     # of the regularised blocks, measured alike in every arm: the baseline trains with disp = 0, and
     # this shows what its term would be; in the dispersive arm it equals disp (with --accum-steps,
-    # the last micro-batch's part). It calls dispersive_loss, not reg(...), so that a fork that
+    # the last micro-batch's own value, while disp is the mean over micro-batches). It calls dispersive_loss, not reg(...), so that a fork that
     # changes what Dispersive.__call__ disperses keeps the same measure.
     measured = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
                                                for b in reg.blocks]).mean()
