@@ -232,8 +232,9 @@ def log_values(losses, reg):
     # disp_diag (a diagnostic; nothing to do with the Gram matrix's diagonal) is the dispersive loss
     # of the regularised blocks, measured alike in every arm: the baseline trains with disp = 0, and
     # this shows what its term would be; in the dispersive arm it equals disp (with --accum-steps,
-    # the last micro-batch's own value, while disp is the mean over micro-batches). It calls dispersive_loss, not reg(...), so that a fork that
-    # changes what Dispersive.__call__ disperses keeps the same measure.
+    # it is the last micro-batch's own value, disp the mean over micro-batches). It calls
+    # dispersive_loss, not reg(...), so that a fork that changes what Dispersive.__call__
+    # disperses keeps the same measure.
     measured = lambda group_size: torch.stack([dispersive_loss(blocks[b], reg.variant, reg.tau, group_size=group_size)
                                                for b in reg.blocks]).mean()
     stats = {b: block_stats(blocks[b]) for b in sorted(blocks)}          # (distance, rms) of every block
