@@ -233,7 +233,6 @@ def make_term(args, device):
     micro-batch: the same arithmetic, fewer launches."""
     _, hidden, _, patch = MODELS[args.model]
     z = torch.randn(args.batch_size, (args.image_size // patch) ** 2, hidden, device=device, requires_grad=True)
-    # group size 0 is one group per forward pass: the micro-batch under --accum-steps
     reg = Dispersive(args.disp_weight, args.disp_tau, (1,), group_size=group_size(args))
 
     def term(i):
