@@ -54,7 +54,7 @@ from data import load_dataset
 from loss import VARIANTS
 from objectives import OBJECTIVES
 from plots import DEFAULTS, arm_of, arm_order, read_log
-from rundir import changed_flags, checkpoint_step, list_checkpoints
+from rundir import PLUMBING, changed_flags, checkpoint_step, list_checkpoints
 from sample import SOLVERS, load_model, sampler
 from utils import HelpFormatter, UserError, atomic_output, number, pick_device, run_main, writable_dir
 
@@ -102,6 +102,14 @@ def check_reusable(out, wanted):
         raise UserError(f"{out} holds a run trained with other flags ({'; '.join(changed)}); move it, "
                         f"or give another --root")
 
+
+# What may differ between the rows of one table: the arm (the regulariser's settings; the contrastive
+# arm's objective and its own flags) and the seed. Every other train.py flag, plumbing aside, is the
+# set-up the arms share: a baseline trained with AdamW beta2 0.95 beside a dispersive run with 0.999
+# is no paired comparison.
+ARM_FLAGS = {*DEFAULTS, "seed", "objective",
+             *(a.dest for a in (OBJECTIVES["contrastive"].add_args(argparse.ArgumentParser())
+                                if "contrastive" in OBJECTIVES else []))}
 
 SAMPLE_FLAGS = ("--sample-solver", "--sample-steps")     # sampler()'s errors name ab.py's flags
 
@@ -213,13 +221,18 @@ def evaluate(run_dir, args, cache):
 
 
 def check_comparable(run_dirs, eval_data_path=None):
-    """Refuse a table whose rows cannot be compared: runs of other data or models, a run listed
-    twice, or two runs of one arm and seed. Different step counts draw a warning, and so do runs
-    trained from different paths that --eval-data-path scores on one data set."""
-    seen, kinds, steps, paths = {}, set(), set(), set()
+    """Refuse a table whose rows cannot be compared: runs of other data or models, runs whose
+    set-up differs in a flag that is not the arm's (ARM_FLAGS), a run listed twice, or two runs of
+    one arm and seed. Different step counts draw a warning, and so do runs trained from different
+    paths that --eval-data-path scores on one data set."""
+    seen, kinds, steps, paths, setup = {}, set(), set(), set(), {}
     for d in run_dirs:
         config, logs, _ = read_log(d)
         a = config["args"]
+        baseline = arm_of(config) == "baseline"         # lambda 0: its other disp_ flags train nothing
+        for k, v in a.items():
+            if k not in PLUMBING and k not in ARM_FLAGS and not (baseline and k.startswith("disp_")):
+                setup.setdefault(k, {}).setdefault(repr(v), d)     # flag -> {value: the first run with it}
         key, real = (arm_of(config), a["seed"]), os.path.realpath(d)
         if real in seen.values():
             raise UserError(f"{d!r} is listed twice")
@@ -234,6 +247,11 @@ def check_comparable(run_dirs, eval_data_path=None):
     if len(kinds) > 1:
         raise UserError("these runs differ in data, model or objective, so a paired table means nothing: "
                         + "; ".join(", ".join(map(str, k)) for k in sorted(kinds, key=str)))
+    differ = {k: v for k, v in setup.items() if len(v) > 1}
+    if differ:
+        raise UserError("these runs differ in more than the arm, so a paired table would mix the two: "
+                        + "; ".join(f"--{k.replace('_', '-')} " + ", ".join(f"{v} ({d!r})" for v, d in vs.items())
+                                    for k, vs in differ.items()))
     if eval_data_path and len(paths) > 1:
         print(f"warning: the runs were trained from {', '.join(map(repr, sorted(paths)))}, and are all scored on "
               f"--eval-data-path {eval_data_path!r}: make sure they are one data set", file=sys.stderr)

@@ -285,6 +285,13 @@ def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys
         return str(tmp_path / name)
     with pytest.raises(UserError, match="differ in data, model or objective"):
         ab.main(["--compare", runs["b0"], copy_log("other_model", model="DiT-Ti/4"), *cmp])
+    # the arms share every other flag: an optimiser of its own is not the regulariser's effect
+    with pytest.raises(UserError, match=r"differ in more than the arm.*--adam-beta2 0.999 \('.*b0'\), 0.95 \('.*beta2'\)"):
+        ab.main(["--compare", runs["b0"], copy_log("beta2", adam_beta2=0.95), *cmp])
+    with pytest.raises(UserError, match=r"differ in more than the arm.*--disp-group-size 4 \('.*d0'\), 2"):
+        ab.main(["--compare", runs["d0"], copy_log("g2", disp_group_size=2, seed=1), *cmp])
+    # what makes the arm may differ, and a baseline's disp_ flags train nothing (lambda 0)
+    ab.main(["--compare", runs["b0"], copy_log("tau1", disp_tau=1.0, disp_group_size=2), *cmp])
     no_ckpt = copy_log("no_ckpt")
     rows = ab.main(["--compare", runs["b0"], no_ckpt, *cmp])
     assert "has no checkpoint: its row has the logged numbers only" in capsys.readouterr().err
