@@ -471,6 +471,13 @@ def main(argv=None):
         json.dump({"rows": rows, "train_args": train_args, "steps": args.steps, "eval_samples": args.eval_samples,
                    "eval_data_path": args.eval_data_path,
                    "extractor": args.extractor if args.eval_samples else None, "cfg_scale": args.cfg_scale,
+                   # what the Frechet distances were measured with: the features (a classifier's by its
+                   # digest), the reference (a stats file, or the data set of each distinct data) and the noise
+                   "extractor_info": next((c["ref"][1] for c in cache.values() if "ref" in c), None),
+                   "reference": ({"stats_file": os.path.abspath(args.ref_stats)} if args.ref_stats else
+                                 [{"data": k[0], "data_path": os.path.abspath(k[1])} for k, c in cache.items()
+                                  if "ref" in c]) if args.eval_samples else None,
+                   "sample_seed": args.sample_seed if args.eval_samples else None,
                    "sample_solver": args.sample_solver, "sample_steps": args.sample_steps,
                    "probe": {"t": args.probe_t, "train_samples": args.probe_train_samples,
                              "test_samples": args.probe_test_samples} if args.probe else None}, f, indent=1)

@@ -216,7 +216,11 @@ def test_an_ab_scored_with_the_papers_dopri5_sampler(image_folder, tmp_path, mon
     default, euler, dopri = score(), score("--sample-solver", "euler"), score("--sample-solver", "dopri5")
     assert default["FD-classifier-6"] == euler["FD-classifier-6 euler"]      # flow matching's own: 50 Euler steps
     assert "nfe euler" not in euler and "FD-classifier-6" not in dopri
-    assert json.load(open(os.path.join(root, "ab.json")))["sample_solver"] == "dopri5"
+    saved = json.load(open(os.path.join(root, "ab.json")))
+    assert saved["sample_solver"] == "dopri5" and saved["sample_seed"] == 0
+    # the distances can be traced to their features and reference: the classifier by its digest
+    assert saved["extractor_info"]["name"] == "fd-classifier" and len(saved["extractor_info"]["sha256"]) == 16
+    assert saved["reference"] == [{"data": "folder", "data_path": os.path.abspath(image_folder)}]
     assert "FD-classifier-6 euler 10" in score("--sample-steps", "10")     # other steps: another column
     # the dopri5 column is the FD of dopri5's samples, computed here the long way
     _, model, _, _ = sample.load_model(list_checkpoints(run)[0], "ema", "cpu", need_decoder=False)
