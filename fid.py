@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 import zipfile
 import zlib
@@ -366,7 +367,8 @@ class TrainingFID:
         if rank != 0:                   # the reference is rank 0's alone
             return
         if ref_stats:
-            self.mu, self.sigma, _ = reference_stats(self.fn, self.info, stats_path=ref_stats, prefix=prefix)
+            self.mu, self.sigma, ref = reference_stats(self.fn, self.info, stats_path=ref_stats, prefix=prefix)
+            check_size(train_images.shape[1:], ref)     # the samples will have the training images' shape
         else:
             self.mu, self.sigma = statistics(features(self.fn, train_images, device=device, progress=True))
 
@@ -439,6 +441,30 @@ def train_classifier(data, data_path, out, epochs=2, seed=0, device="cpu"):
 
 # ----------------------------------------------------------------------------------------
 
+def reference_of_checkpoint(args, trained, latent):
+    """Fill in --ref-data / --ref-data-path for a --ckpt: by default the data set its model was
+    trained on, from where it was read (another data set of the same image size would give a
+    number, not a meaningful one). A latent model's reference is images, not its latents: it needs
+    --ref-stats or --ref-data. Another data set than its own draws a warning."""
+    if args.ref_stats:
+        return
+    if latent:
+        if args.ref_data is None:
+            raise UserError("this checkpoint's model works on latents: its reference is images, so give --ref-stats "
+                            "(ImageNet 256: ADM's reference batch, docs/imagenet.md) or --ref-data and --ref-data-path")
+        args.ref_data_path = args.ref_data_path or "data"
+        return
+    if args.ref_data is None or args.ref_data == trained["data"]:
+        if args.ref_data is None or args.ref_data_path is None:
+            print(f"reference: the checkpoint's training data, --ref-data {trained['data']} --ref-data-path "
+                  f"{args.ref_data_path or trained['data_path']}")
+        args.ref_data, args.ref_data_path = trained["data"], args.ref_data_path or trained["data_path"]
+        return
+    args.ref_data_path = args.ref_data_path or "data"
+    print(f"warning: the checkpoint's model was trained on --data {trained['data']}, and is scored against "
+          f"--ref-data {args.ref_data}", file=sys.stderr)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
@@ -454,8 +480,10 @@ def main(argv=None):
     a("--vae", default=None, help="with a latent --ckpt: the VAE that decodes it (default: the one the checkpoint "
       "records); a local directory works offline")
     a("--ref-stats", default=None, help="reference statistics .npz (mu, sigma) instead of computing them from --ref-data")
-    a("--ref-data", default="cifar10", help="reference data set, any that data.py loads (default: the CIFAR-10 training set)")
-    a("--ref-data-path", default="data", help="where --ref-data is (as train.py's --data-path)")
+    a("--ref-data", default=None, help="reference data set, any that data.py loads (default: with a --ckpt of pixels, "
+      "the data it was trained on; else cifar10, the CIFAR-10 training set)")
+    a("--ref-data-path", default=None, help="where --ref-data is, as train.py's --data-path (default: with --ckpt, the "
+      "path it was trained from; else data)")
     a("--save-ref-stats", default=None, help="write the reference statistics to this .npz for --ref-stats next time")
     a("--extractor", default=INCEPTION, help=f"torch-fidelity feature extractor (default {INCEPTION}, the FID protocol), "
       "or a classifier .pt from --train-classifier (FD-classifier: offline, not FID)")
@@ -464,7 +492,8 @@ def main(argv=None):
       help="instead: train the small FD-classifier on --ref-data and save it here, then exit")
     a("--classifier-epochs", type=number(int, min=0), default=2, help="epochs for --train-classifier (0: a single "
       "step, a smoke test)")
-    a("--batch-size", type=number(int, min=1), default=200, help="images per forward pass")
+    a("--batch-size", type=number(int, min=1), default=256, help="images per forward pass. With --ckpt the noise is "
+      "drawn batch by batch: 256, as ab.py and train.py's --fid-every sample, gives the same images for a seed")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--out", default=None, help="JSON result file (default: next to --samples / --ckpt, <name>.fid.json)")
     args = p.parse_args(argv)
@@ -480,6 +509,7 @@ def main(argv=None):
             raise UserError(f"{', '.join(ignored)}: not used by --train-classifier (it reads --ref-data, "
                             f"--ref-data-path, --classifier-epochs, --seed and --device)")
         output_file(args.train_classifier, "--train-classifier", [".pt"])
+        args.ref_data, args.ref_data_path = args.ref_data or "cifar10", args.ref_data_path or "data"
         acc = train_classifier(args.ref_data, args.ref_data_path, args.train_classifier, args.classifier_epochs,
                                args.seed, device)
         print(f"wrote {args.train_classifier} (held-out accuracy {acc:.3f})")
@@ -490,7 +520,7 @@ def main(argv=None):
         raise UserError("give exactly one of --samples (an .npz or image folder) and --ckpt")
     if args.ckpt:
         args.ckpt = resolve_checkpoint(args.ckpt)       # a run directory: its newest checkpoint
-    if args.ref_stats and (args.ref_data, args.ref_data_path) != (p.get_default("ref_data"), p.get_default("ref_data_path")):
+    if args.ref_stats and (args.ref_data is not None or args.ref_data_path is not None):
         raise UserError("--ref-stats is the reference; --ref-data / --ref-data-path would be ignored")
     if args.num_samples is not None and args.num_samples < 2:
         raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
@@ -513,6 +543,7 @@ def main(argv=None):
             raise UserError("--cfg-scale: this checkpoint's model is unconditional (trained with --unconditional): "
                             "it takes no labels, so no guidance")
         solve, solver, steps = sampler(objective, args.solver, args.steps)
+        reference_of_checkpoint(args, ckpt["args"], decode is not None)
     else:
         images, generation = load_images(args.samples)
         if args.num_samples:
@@ -520,12 +551,15 @@ def main(argv=None):
                 raise UserError(f"--num-samples {args.num_samples} but {args.samples!r} holds only {len(images)} images")
             images = images[:args.num_samples]
         generation = generation or "unknown (an .npz from an older sample.py, or an image folder)"
+        args.ref_data, args.ref_data_path = args.ref_data or "cifar10", args.ref_data_path or "data"
     ref_mu, ref_sigma, ref = reference_stats(fn, info, stats_path=args.ref_stats, data=args.ref_data,
                                              data_path=args.ref_data_path, batch_size=args.batch_size, device=device)
     if args.save_ref_stats:
         save_stats(args.save_ref_stats, ref_mu, ref_sigma, info, ref)
-    if args.ckpt and decode is None:        # before sampling (a latent model's images are its VAE's size)
-        check_size((model.in_channels, model.image_size, model.image_size), ref)
+    if args.ckpt:       # before sampling: a latent model's images are its VAE's decoding of one latent
+        shape = (model.in_channels, model.image_size, model.image_size)
+        with torch.no_grad():
+            check_size(shape if decode is None else decode(torch.zeros(1, *shape, device=device)).shape[1:], ref)
     if args.ckpt:
         images = generate_n(model, args.num_samples or 50_000, solve, steps, cfg_scale=args.cfg_scale, seed=args.seed,
                             batch_size=args.batch_size, device=device, decode=decode, progress=True)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import fid
+import sample
 import train
 from conftest import make_image_folder, read_jsonl, run_script, tiny_args, torchrun
 from utils import UserError
@@ -182,7 +184,21 @@ def test_fid_from_checkpoint_records_generation(folder_and_classifier, tmp_path)
                     "--device", "cpu", "--out", str(tmp_path / "r.json")])
     g = json.load(open(tmp_path / "r.json"))["generation"]
     assert g["solver"] == "heun" and g["steps"] == 2 and g["cfg_scale"] == 1.5 and g["ema"] is True and g["step"] == 2
-    assert g["batch_size"] == 200
+    assert g["batch_size"] == 256
+    # without --ref-data the reference is the data the checkpoint's model was trained on
+    own = fid.main(["--ckpt", ckpt, "--num-samples", "6", "--steps", "2", "--solver", "heun", "--cfg-scale", "1.5",
+                    "--extractor", clf, "--device", "cpu", "--out", str(tmp_path / "own.json")])
+    assert own["value"] == pytest.approx(res["value"], rel=1e-9)
+    assert own["reference"]["data"] == "folder" and own["reference"]["data_path"] == os.path.abspath(images)
+    # the noise of ab.py's evaluation (fid.generate_n's batches of 256): the same images for the seed,
+    # over more than one batch
+    more = fid.main(["--ckpt", ckpt, "--num-samples", "300", "--steps", "2", "--extractor", clf, "--device", "cpu",
+                     "--out", str(tmp_path / "more.json")])
+    _, model, _, _ = sample.load_model(ckpt, "ema", "cpu")
+    fn, _ = fid.load_extractor(clf)
+    ref = fid.statistics(fid.features(fn, data.load_dataset("folder", images).images))
+    imgs = fid.generate_n(model, 300, sample.euler, 2)
+    assert more["value"] == pytest.approx(fid.frechet_distance(*fid.statistics(fid.features(fn, imgs)), *ref), rel=1e-9)
     # precomputed statistics give the very same number
     again = fid.main(["--ckpt", ckpt, "--num-samples", "6", "--steps", "2", "--solver", "heun", "--cfg-scale", "1.5",
                       "--ref-stats", stats, "--extractor", clf, "--device", "cpu", "--out", str(tmp_path / "r2.json")])
@@ -429,6 +445,31 @@ def test_training_fid_checks_its_reference_when_built(folder_and_classifier, tmp
         fid.TrainingFID(clf, None, str(tmp_path / "nan.npz"), train_images, "cpu", 2, 6)
     with pytest.raises(UserError, match="--fid-extractor"):
         fid.TrainingFID(str(tmp_path / "none.pt"), None, None, train_images, "cpu", 2, 6)
+    # statistics of another data set's images (they record their shape): a number, not a meaningful one
+    np.savez(tmp_path / "big.npz", mu=np.zeros(128), sigma=np.eye(128), image_shape=[3, 32, 32])
+    with pytest.raises(UserError, match=r"samples are 16x16 pixels, the reference images \(.*big.npz\) 32x32"):
+        fid.TrainingFID(clf, None, str(tmp_path / "big.npz"), train_images, "cpu", 2, 6)
+
+
+def test_a_checkpoint_is_scored_against_its_own_data_unless_told_otherwise(folder_and_classifier, tmp_path, capsys):
+    """Without --ref-data, fid.py --ckpt takes the data set the model was trained on (another one
+    of the same image size would give a number, not a meaningful one); another one, asked for,
+    draws a warning."""
+    root, images, clf = folder_and_classifier
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "1"))
+    capsys.readouterr()
+    score = lambda ckpt, *ref: fid.main(["--ckpt", ckpt, "--num-samples", "4", "--steps", "1", "--extractor", clf,
+                                         "--device", "cpu", "--out", str(tmp_path / "r.json"), *ref])
+    res = score(str(tmp_path / "run"))
+    assert res["reference"]["data"] == "folder" and res["reference"]["data_path"] == os.path.abspath(images)
+    out, err = capsys.readouterr()
+    assert f"reference: the checkpoint's training data, --ref-data folder --ref-data-path {images}" in out
+    assert "warning" not in err
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "step_0000001.pt", weights_only=True)
+    ck["args"]["data"] = "mnist"        # as if trained on MNIST: this folder is another data set
+    torch.save(ck, tmp_path / "mnist.pt")
+    score(str(tmp_path / "mnist.pt"), "--ref-data", "folder", "--ref-data-path", images)
+    assert "trained on --data mnist, and is scored against --ref-data folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, match", [

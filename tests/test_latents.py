@@ -146,7 +146,7 @@ def test_encoding_resumes_after_an_interruption(latents, images, vae_dir, tmp_pa
         encode_latents.main(encode_args(images, out, vae_dir, "--no-flip"))
 
 
-def test_train_checkpoint_sample_and_decode(latents, vae_dir, tmp_path, monkeypatch):
+def test_train_checkpoint_sample_and_decode(latents, images, vae_dir, tmp_path, monkeypatch):
     def args(out, *extra):
         a = tiny_args(latents, out, "--model", "DiT-Mi/2", "--batch-size", "6", "--disp-group-size", "3", *extra)
         a[a.index("folder")] = "latents"
@@ -176,6 +176,22 @@ def test_train_checkpoint_sample_and_decode(latents, vae_dir, tmp_path, monkeypa
     assert npz["arr_1"].tolist() == [0, 1, 2, 0, 1]
     with pytest.raises(UserError, match="--vae DIR"):
         run_sample("--vae", str(tmp_path / "run"), "--out", str(tmp_path / "g.png"))    # a directory, not a VAE
+
+    # fid.py: a latent model's reference is images, not its latents, and their size (the VAE's
+    # decoding of a latent) is checked before any sampling
+    import fid
+    clf = str(tmp_path / "clf.pt")
+    fid.main(["--train-classifier", clf, "--ref-data", "folder", "--ref-data-path", images, "--classifier-epochs", "0",
+              "--device", "cpu"])
+    with monkeypatch.context() as m:
+        m.setattr(fid, "generate_n", lambda *a, **k: pytest.fail("sampled before checking the reference"))
+        score = lambda *ref: fid.main(["--ckpt", ckpt_path, "--extractor", clf, "--device", "cpu",
+                                       "--out", str(tmp_path / "f.json"), *ref])
+        with pytest.raises(UserError, match="works on latents: its reference is images, so give --ref-stats"):
+            score()
+        big = make_image_folder(tmp_path / "big", size=2 * SIZE)
+        with pytest.raises(UserError, match=f"samples are {SIZE}x{SIZE} pixels, the reference images .* 32x32"):
+            score("--ref-data", "folder", "--ref-data-path", big)
     # the VAE moved: sampling says so; the probe and ab.py, which never decode, do not need it
     ck["vae"]["name"] = str(tmp_path / "moved_vae")
     ckpt_path = str(tmp_path / "moved.pt")
