@@ -227,7 +227,9 @@ def load_images(path):
         files = sorted(os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns if n.lower().endswith(IMAGE_EXTS))
         if not files:
             raise UserError(f"no images in {path!r}")
-        pics = [np.asarray(read_image(f, " (--samples)").convert("RGB")) for f in files]
+        pics = [read_image(f, " (--samples)") for f in files]
+        mode = "L" if all(im.mode in ("1", "L") for im in pics) else "RGB"     # grey stays grey, as in data.py
+        pics = [np.asarray(im.convert(mode), dtype=np.uint8).reshape(im.size[1], im.size[0], -1) for im in pics]
         if len({p.shape for p in pics}) > 1:
             raise UserError(f"images in {path!r} differ in size")
         images = torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).contiguous()

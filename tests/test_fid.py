@@ -429,6 +429,16 @@ def test_reference_is_checked_before_sampling(folder_and_classifier, ckpt, tmp_p
                   "--out", str(tmp_path / "r.json")])
 
 
+def test_a_folder_of_samples_is_read_as_data_py_reads_a_training_folder(tmp_path):
+    """Grey images stay 1-channel (a folder of Fashion-MNIST samples against its 1-channel
+    reference), colour ones RGB: the same pixels as the training set's loader gives."""
+    for mode, channels in (("L", 1), ("RGB", 3)):
+        folder = make_image_folder(tmp_path / mode, mode=mode)
+        images = fid.load_images(folder)[0]
+        assert images.shape == (24, channels, 16, 16)
+        assert torch.equal(images, data.load_dataset("folder", folder).images)
+
+
 def test_frechet_mismatch_names_the_shapes():
     with pytest.raises(UserError, match=r"sigma \(3, 3\) vs the reference's mu \(3,\), sigma \(3,\)"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.ones(3))
