@@ -226,13 +226,16 @@ def check_comparable(run_dirs, eval_data_path=None):
     one arm and seed. Different step counts draw a warning, and so do runs trained from different
     paths that --eval-data-path scores on one data set."""
     seen, kinds, steps, paths, setup = {}, set(), set(), set(), {}
+    defaults = vars(train.get_args([]))     # what a flag missing from an older run's log was
     for d in run_dirs:
         config, logs, _ = read_log(d)
         a = config["args"]
-        baseline = arm_of(config) == "baseline"         # lambda 0: its other disp_ flags train nothing
-        for k, v in a.items():
-            if k not in PLUMBING and k not in ARM_FLAGS and not (baseline and k.startswith("disp_")):
-                setup.setdefault(k, {}).setdefault(repr(v), d)     # flag -> {value: the first run with it}
+        for k, v in {**defaults, **a}.items():
+            if k not in PLUMBING and k not in ARM_FLAGS:
+                setup.setdefault(k, {}).setdefault(str(v), d)      # flag -> {value: the first run with it}
+        if a.get("disp_group_size") == 0:   # whole-batch groups: the group is what one pass on one GPU holds
+            per_pass = a["batch_size"] // (config.get("world_size", 1) * a.get("accum_steps", 1))
+            setup.setdefault("disp_group_size 0, samples per GPU pass", {}).setdefault(str(per_pass), d)
         key, real = (arm_of(config), a["seed"]), os.path.realpath(d)
         if real in seen.values():
             raise UserError(f"{d!r} is listed twice")
@@ -249,7 +252,8 @@ def check_comparable(run_dirs, eval_data_path=None):
                         + "; ".join(", ".join(map(str, k)) for k in sorted(kinds, key=str)))
     differ = {k: v for k, v in setup.items() if len(v) > 1}
     if differ:
-        raise UserError("these runs differ in more than the arm, so a paired table would mix the two: "
+        raise UserError("these runs differ in more than the arm and the seed, so a paired table would mix the "
+                        "regulariser's effect with the set-up's: "
                         + "; ".join(f"--{k.replace('_', '-')} " + ", ".join(f"{v} ({d!r})" for v, d in vs.items())
                                     for k, vs in differ.items()))
     if eval_data_path and len(paths) > 1:
@@ -345,7 +349,8 @@ def get_args(argv=None):
     a("--disp-block", nargs="+", default=None, metavar="BLOCK", help="block(s) to regularise, each value as "
       "train.py's --disp-block: '3 last' compares block 3 with the last (default: train.py's)")
     a("--root", default="runs/ab", help="where the runs (<root>/<arm>_s<seed>) and ab.md, ab.json go")
-    a("--compare", nargs="+", default=None, metavar="RUN_DIR", help="evaluate these existing run directories; no training")
+    a("--compare", nargs="+", default=None, metavar="RUN_DIR", help="evaluate these existing run directories; no "
+      "training. They may differ in the arm and the seed only")
     a("--eval-samples", type=number(int, min=0), default=0, help="EMA samples per run for a Frechet distance (0: none)")
     a("--extractor", default=fid.INCEPTION, help="feature extractor for it (fid.py --extractor): Inception (FID) "
       "or a classifier .pt (FD-classifier, offline, not FID)")
@@ -475,7 +480,7 @@ def main(argv=None):
                    # digest), the reference (a stats file, or the data set of each distinct data) and the noise
                    "extractor_info": next((c["ref"][1] for c in cache.values() if "ref" in c), None),
                    "reference": ({"stats_file": os.path.abspath(args.ref_stats)} if args.ref_stats else
-                                 [{"data": k[0], "data_path": os.path.abspath(k[1])} for k, c in cache.items()
+                                 [{"data": k[0], "data_path": os.path.abspath(k[1]), "image_size": k[2]} for k, c in cache.items()
                                   if "ref" in c]) if args.eval_samples else None,
                    "sample_seed": args.sample_seed if args.eval_samples else None,
                    "sample_solver": args.sample_solver, "sample_steps": args.sample_steps,

@@ -163,6 +163,11 @@ def read_image(f, hint=""):
     return im
 
 
+def common_mode(pics):
+    """The mode a set of PIL images is read in: 'L' if every one is grey, else 'RGB'."""
+    return "L" if all(im.mode in ("1", "L") for im in pics) else "RGB"
+
+
 def _image_folder(path, image_size, notes):
     """ImageFolder layout: one sub-directory per class, images inside. Everything is decoded
     once, up front. Grayscale-only sets stay 1-channel; a set mixing modes becomes RGB."""
@@ -172,12 +177,9 @@ def _image_folder(path, image_size, notes):
     if len(classes) == 1:
         notes.append(f"--data-path {path!r} has one class folder, {classes[0]!r}: one class for every image "
                         f"(if the class folders are inside it, point --data-path there)")
-    pics, modes = [], set()
-    for f, _ in tqdm(files, desc=f"decoding {len(files)} images", disable=len(files) < 5000):
-        im = read_image(f, "; remove it from --data-path")
-        pics.append(im)
-        modes.add("L" if im.mode in ("1", "L") else "RGB")
-    mode = "L" if modes == {"L"} else "RGB"
+    pics = [read_image(f, "; remove it from --data-path")
+            for f, _ in tqdm(files, desc=f"decoding {len(files)} images", disable=len(files) < 5000)]
+    mode = common_mode(pics)
     arrays = []
     for (f, _), im in zip(files, pics):
         im = im.convert(mode)

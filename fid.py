@@ -1,5 +1,6 @@
 """FID with the standard protocol: torch-fidelity's Inception (TF-compatible resize, the
-converted TF weights), statistics of the CIFAR-10 training set as the reference.
+converted TF weights), statistics of the training set as the reference (for --ckpt, the data
+its model was trained on; for --samples, CIFAR-10's unless --ref-data or --ref-stats says).
 
     python fid.py --samples samples.npz                        # FID of an .npz (sample.py) or image folder
     python fid.py --ckpt runs/x/checkpoints/step_0400000.pt    # sample 50K, then FID-50K
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IMAGE_EXTS, load_dataset, read_image
+from data import IMAGE_EXTS, common_mode, load_dataset, read_image
 from rundir import resolve_checkpoint
 from sample import SOLVERS, generate_many, grid_labels, load_model, sampler
 from utils import (HelpFormatter, UserError, all_reduce, atomic_output, first_line, number, output_file, pick_device,
@@ -228,7 +229,7 @@ def load_images(path):
         if not files:
             raise UserError(f"no images in {path!r}")
         pics = [read_image(f, " (--samples)") for f in files]
-        mode = "L" if all(im.mode in ("1", "L") for im in pics) else "RGB"     # grey stays grey, as in data.py
+        mode = common_mode(pics)            # grey stays grey, as in a training folder
         pics = [np.asarray(im.convert(mode), dtype=np.uint8).reshape(im.size[1], im.size[0], -1) for im in pics]
         if len({p.shape for p in pics}) > 1:
             raise UserError(f"images in {path!r} differ in size")
@@ -253,10 +254,11 @@ def generate_n(model, n, solver, steps, *, cfg_scale=1.0, seed=0, batch_size=256
                          progress=progress)
 
 
-def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", batch_size=200, device="cpu",
-                    prefix=""):
+def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="data", image_size=None, batch_size=200,
+                    device="cpu", prefix=""):
     """(mu, sigma, description): from a stats .npz (mu, sigma), checked against the extractor's
-    feature dimension, or from a data set data.py loads. prefix: as load_extractor's."""
+    feature dimension, or from a data set data.py loads (at image_size, train.py's --image-size,
+    if given). prefix: as load_extractor's."""
     if stats_path:
         flag = f"--{prefix}ref-stats {stats_path!r}"
         if not os.path.isfile(stats_path):
@@ -287,12 +289,12 @@ def reference_stats(fn, info, *, stats_path=None, data="cifar10", data_path="dat
             raise UserError(f"{flag}: sigma is not a covariance matrix (it is not symmetric, or has negative variances)")
         ref = {"stats_file": os.path.abspath(stats_path), "extractor": made_with}
         return mu, sigma, ref if shape is None else {**ref, "image_shape": shape}
-    ds = load_dataset(data, data_path, flags=("--ref-data", "--ref-data-path"))
+    ds = load_dataset(data, data_path, image_size, flags=("--ref-data", "--ref-data-path"))
     if ds.images is None or ds.images.dtype != torch.uint8:
         raise UserError(f"--ref-data {data}: the reference must be images, not latents (use --ref-stats or an image folder)")
     mu, sigma = statistics(features(fn, ds.images, batch_size, device, progress=True))
     return mu, sigma, {"data": data, "data_path": os.path.abspath(data_path), "num_images": len(ds),
-                       "image_shape": list(ds.images.shape[1:])}
+                       "image_shape": list(ds.images.shape[1:]), **({"image_size": image_size} if image_size else {})}
 
 
 def check_size(shape, ref):
@@ -447,24 +449,27 @@ def reference_of_checkpoint(args, trained, latent):
     """Fill in --ref-data / --ref-data-path for a --ckpt: by default the data set its model was
     trained on, from where it was read (another data set of the same image size would give a
     number, not a meaningful one). A latent model's reference is images, not its latents: it needs
-    --ref-stats or --ref-data. Another data set than its own draws a warning."""
+    --ref-stats or --ref-data. Another data set than its own draws a warning. Returns the image
+    size to load the reference at (the training's --image-size, for its own data) and the path
+    taken from the checkpoint, if it was (for the messages: the user did not type it)."""
     if args.ref_stats:
-        return
+        return None, None
     if latent:
         if args.ref_data is None:
             raise UserError("this checkpoint's model works on latents: its reference is images, so give --ref-stats "
                             "(ImageNet 256: ADM's reference batch, docs/imagenet.md) or --ref-data and --ref-data-path")
         args.ref_data_path = args.ref_data_path or "data"
-        return
-    if args.ref_data is None or args.ref_data == trained["data"]:
-        if args.ref_data is None or args.ref_data_path is None:
-            print(f"reference: the checkpoint's training data, --ref-data {trained['data']} --ref-data-path "
-                  f"{args.ref_data_path or trained['data_path']}")
-        args.ref_data, args.ref_data_path = trained["data"], args.ref_data_path or trained["data_path"]
-        return
-    args.ref_data_path = args.ref_data_path or "data"
-    print(f"warning: the checkpoint's model was trained on --data {trained['data']}, and is scored against "
-          f"--ref-data {args.ref_data}", file=sys.stderr)
+        return None, None
+    if args.ref_data not in (None, trained["data"]):
+        args.ref_data_path = args.ref_data_path or "data"
+        print(f"warning: the checkpoint's model was trained on --data {trained['data']}, and is scored against "
+              f"--ref-data {args.ref_data}", file=sys.stderr)
+        return None, None
+    args.ref_data, from_ckpt = trained["data"], None
+    if args.ref_data_path is None:
+        args.ref_data_path = from_ckpt = trained.get("data_path", "data")
+        print(f"reference: the checkpoint's training data, --ref-data {args.ref_data} --ref-data-path {from_ckpt}")
+    return trained.get("image_size"), from_ckpt
 
 
 def main(argv=None):
@@ -482,10 +487,11 @@ def main(argv=None):
     a("--vae", default=None, help="with a latent --ckpt: the VAE that decodes it (default: the one the checkpoint "
       "records); a local directory works offline")
     a("--ref-stats", default=None, help="reference statistics .npz (mu, sigma) instead of computing them from --ref-data")
-    a("--ref-data", default=None, help="reference data set, any that data.py loads (default: with a --ckpt of pixels, "
-      "the data it was trained on; else cifar10, the CIFAR-10 training set)")
-    a("--ref-data-path", default=None, help="where --ref-data is, as train.py's --data-path (default: with --ckpt, the "
-      "path it was trained from; else data)")
+    a("--ref-data", default=None, help="reference data set, any image set that data.py loads (default: with --ckpt, "
+      "the data its model was trained on, but a latent model needs this or --ref-stats; with --samples, cifar10, "
+      "the CIFAR-10 training set)")
+    a("--ref-data-path", default=None, help="where --ref-data is, as train.py's --data-path (default: where the "
+      "checkpoint's own data was read from; else data)")
     a("--save-ref-stats", default=None, help="write the reference statistics to this .npz for --ref-stats next time")
     a("--extractor", default=INCEPTION, help=f"torch-fidelity feature extractor (default {INCEPTION}, the FID protocol), "
       "or a classifier .pt from --train-classifier (FD-classifier: offline, not FID)")
@@ -495,7 +501,8 @@ def main(argv=None):
     a("--classifier-epochs", type=number(int, min=0), default=2, help="epochs for --train-classifier (0: a single "
       "step, a smoke test)")
     a("--batch-size", type=number(int, min=1), default=256, help="images per forward pass. With --ckpt the noise is "
-      "drawn batch by batch: 256, as ab.py and train.py's --fid-every sample, gives the same images for a seed")
+      "drawn batch by batch: ab.py and train.py --fid-every sample in batches of 256, and at 256 a --seed gives "
+      "their images (on the same kind of device)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--out", default=None, help="JSON result file (default: next to --samples / --ckpt, <name>.fid.json)")
     args = p.parse_args(argv)
@@ -545,7 +552,7 @@ def main(argv=None):
             raise UserError("--cfg-scale: this checkpoint's model is unconditional (trained with --unconditional): "
                             "it takes no labels, so no guidance")
         solve, solver, steps = sampler(objective, args.solver, args.steps)
-        reference_of_checkpoint(args, ckpt["args"], decode is not None)
+        ref_size, ref_path_from_ckpt = reference_of_checkpoint(args, ckpt["args"], decode is not None)
     else:
         images, generation = load_images(args.samples)
         if args.num_samples:
@@ -554,15 +561,22 @@ def main(argv=None):
             images = images[:args.num_samples]
         generation = generation or "unknown (an .npz from an older sample.py, or an image folder)"
         args.ref_data, args.ref_data_path = args.ref_data or "cifar10", args.ref_data_path or "data"
-    ref_mu, ref_sigma, ref = reference_stats(fn, info, stats_path=args.ref_stats, data=args.ref_data,
-                                             data_path=args.ref_data_path, batch_size=args.batch_size, device=device)
+        ref_size = ref_path_from_ckpt = None
+    try:
+        ref_mu, ref_sigma, ref = reference_stats(fn, info, stats_path=args.ref_stats, data=args.ref_data,
+                                                 data_path=args.ref_data_path, image_size=ref_size,
+                                                 batch_size=args.batch_size, device=device)
+    except UserError as e:
+        if ref_path_from_ckpt is None:
+            raise
+        raise UserError(f"the checkpoint's model was trained from {ref_path_from_ckpt!r}, its reference by default: "
+                        f"{e}; --ref-data-path says where that data is on this machine") from None
     if args.save_ref_stats:
         save_stats(args.save_ref_stats, ref_mu, ref_sigma, info, ref)
-    if args.ckpt:       # before sampling: a latent model's images are its VAE's decoding of one latent
+    if args.ckpt:       # the size first: a latent model's images are its VAE's decoding of one latent
         shape = (model.in_channels, model.image_size, model.image_size)
         with torch.no_grad():
             check_size(shape if decode is None else decode(torch.zeros(1, *shape, device=device)).shape[1:], ref)
-    if args.ckpt:
         images = generate_n(model, args.num_samples or 50_000, solve, steps, cfg_scale=args.cfg_scale, seed=args.seed,
                             batch_size=args.batch_size, device=device, decode=decode, progress=True)
         generation = {"checkpoint": os.path.abspath(args.ckpt), "step": ckpt.get("step"), "solver": solver,

@@ -220,7 +220,7 @@ def test_an_ab_scored_with_the_papers_dopri5_sampler(image_folder, tmp_path, mon
     assert saved["sample_solver"] == "dopri5" and saved["sample_seed"] == 0
     # the distances can be traced to their features and reference: the classifier by its digest
     assert saved["extractor_info"]["name"] == "fd-classifier" and len(saved["extractor_info"]["sha256"]) == 16
-    assert saved["reference"] == [{"data": "folder", "data_path": os.path.abspath(image_folder)}]
+    assert saved["reference"] == [{"data": "folder", "data_path": os.path.abspath(image_folder), "image_size": None}]
     assert "FD-classifier-6 euler 10" in score("--sample-steps", "10")     # other steps: another column
     # the dopri5 column is the FD of dopri5's samples, computed here the long way
     _, model, _, _ = sample.load_model(list_checkpoints(run)[0], "ema", "cpu", need_decoder=False)
@@ -280,22 +280,35 @@ def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys
     ab.main(["--compare", runs["b0"], runs["d0_longer"], *cmp])          # 2 and 3 steps: a warning
     assert "stopped at different steps ([2, 3])" in capsys.readouterr().err
 
-    def copy_log(name, **changes):      # a run directory with d0's log (and no checkpoint)
+    def copy_log(name, drop=(), **changes):      # a run directory with d0's log (and no checkpoint)
         lines = open(f"{runs['d0']}/metrics.jsonl").read().splitlines()
         config = json.loads(lines[0])
         config["args"].update(changes)
+        for k in drop:                              # a flag an older train.py did not have
+            del config["args"][k]
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.jsonl").write_text("\n".join([json.dumps(config)] + lines[1:]) + "\n")
         return str(tmp_path / name)
     with pytest.raises(UserError, match="differ in data, model or objective"):
         ab.main(["--compare", runs["b0"], copy_log("other_model", model="DiT-Ti/4"), *cmp])
     # the arms share every other flag: an optimiser of its own is not the regulariser's effect
+    beta2 = copy_log("beta2", adam_beta2=0.95)
     with pytest.raises(UserError, match=r"differ in more than the arm.*--adam-beta2 0.999 \('.*b0'\), 0.95 \('.*beta2'\)"):
-        ab.main(["--compare", runs["b0"], copy_log("beta2", adam_beta2=0.95), *cmp])
+        ab.main(["--compare", runs["b0"], beta2, *cmp])
+    # the groups too, the baseline's included: its logged dispersive loss is paired with the arm's
     with pytest.raises(UserError, match=r"differ in more than the arm.*--disp-group-size 4 \('.*d0'\), 2"):
-        ab.main(["--compare", runs["d0"], copy_log("g2", disp_group_size=2, seed=1), *cmp])
-    # what makes the arm may differ, and a baseline's disp_ flags train nothing (lambda 0)
-    ab.main(["--compare", runs["b0"], copy_log("tau1", disp_tau=1.0, disp_group_size=2), *cmp])
+        ab.main(["--compare", runs["d0"], copy_log("b_g2", disp_weight=0, disp_group_size=2), *cmp])
+    # an older log without the flag had train.py's default (0.999): the same as b0's, not beta2's
+    old = copy_log("old", drop=["adam_beta2"])
+    with pytest.raises(UserError, match=r"--adam-beta2 0.999 \('.*old'\), 0.95"):
+        ab.main(["--compare", old, copy_log("beta2_b", adam_beta2=0.95, disp_weight=0), *cmp])
+    ab.main(["--compare", runs["b0"], old, *cmp])
+    # whole-batch groups (--disp-group-size 0) are what one pass holds: --accum-steps changes the loss
+    with pytest.raises(UserError, match=r"--disp-group-size 0, samples per GPU pass 8 \('.*g0'\), 4 \('.*g0_accum'\)"):
+        ab.main(["--compare", copy_log("g0", disp_group_size=0),
+                 copy_log("g0_accum", disp_group_size=0, accum_steps=2, seed=1), *cmp])
+    # what makes the arm may differ: lambda, tau, variant, block
+    ab.main(["--compare", runs["b0"], copy_log("tau1", disp_tau=1.0, disp_variant="hinge", seed=1), *cmp])
     no_ckpt = copy_log("no_ckpt")
     rows = ab.main(["--compare", runs["b0"], no_ckpt, *cmp])
     assert "has no checkpoint: its row has the logged numbers only" in capsys.readouterr().err

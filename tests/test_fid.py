@@ -480,6 +480,16 @@ def test_a_checkpoint_is_scored_against_its_own_data_unless_told_otherwise(folde
     torch.save(ck, tmp_path / "mnist.pt")
     score(str(tmp_path / "mnist.pt"), "--ref-data", "folder", "--ref-data-path", images)
     assert "trained on --data mnist, and is scored against --ref-data folder" in capsys.readouterr().err
+    # trained at --image-size 16 from 32-pixel images: its reference is those images at 16 pixels
+    big = make_image_folder(tmp_path / "big", size=32)
+    train.main(tiny_args(big, tmp_path / "resized", "--steps", "1", "--image-size", "16"))
+    res = score(str(tmp_path / "resized"))
+    assert res["reference"]["image_shape"] == [3, 16, 16] and res["reference"]["image_size"] == 16
+    # a run whose data is not where it was trained from: the message says whose path it is
+    ck["args"]["data"], ck["args"]["data_path"] = "folder", str(tmp_path / "gone")
+    torch.save(ck, tmp_path / "moved.pt")
+    with pytest.raises(UserError, match=r"trained from '.*gone', its reference by default: .*--ref-data-path says"):
+        score(str(tmp_path / "moved.pt"))
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -573,7 +573,7 @@ def test_an_image_too_large_to_decode_is_one_line(tmp_path, monkeypatch):
 
 def test_fid_reads_16_bit_grey_images_as_train_py_does(tmp_path):
     """fid.py --samples DIR went through convert("RGB"), which clips 16-bit grey to white; it now
-    reads them as data.py does (the high byte)."""
+    reads them as data.py does (the high byte), and, all grey, as 1-channel images."""
     import fid
     import numpy as np
     from PIL import Image
@@ -581,7 +581,7 @@ def test_fid_reads_16_bit_grey_images_as_train_py_does(tmp_path):
     for i in range(2):
         Image.fromarray(grey16).save(tmp_path / f"{i}.png")
     images, _ = fid.load_images(str(tmp_path))
-    assert images.shape == (2, 3, 16, 16) and images[0, 1].flatten().tolist() == list(range(256))
+    assert images.shape == (2, 1, 16, 16) and images[0, 0].flatten().tolist() == list(range(256))
 
 
 def test_an_npy_file_named_npz_is_one_line(tmp_path):
