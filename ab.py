@@ -139,9 +139,25 @@ def ema_loss(model, objective, ckpt_args, data, n=1024, seed=12345, batch=256, d
     return total / len(idx)
 
 
+def checkpoint_at(run_dir, step=None):
+    """The checkpoint of a run to evaluate: its newest (None if it has none), or that of `step`."""
+    ckpts = list_checkpoints(run_dir)
+    if step is None:
+        return ckpts[0] if ckpts else None
+    at = [c for c in ckpts if checkpoint_step(c) == step]
+    if not at:
+        have = ", ".join(str(checkpoint_step(c)) for c in reversed(ckpts)) or "none"
+        raise UserError(f"--at-step {step}: {run_dir!r} has no checkpoint of that step (it has: {have}); "
+                        f"train.py --keep-ckpts 0 keeps every one")
+    return at[0]
+
+
 def evaluate(run_dir, args, cache):
-    """One run's row: numbers from its log, plus evaluations of its newest checkpoint."""
+    """One run's row: numbers from its log, plus evaluations of its newest checkpoint (or, with
+    --at-step, of that step's, and its log up to that step)."""
     config, logs, fid_logs = read_log(run_dir)
+    if args.at_step:
+        logs, fid_logs = ([r for r in rs if r["step"] <= args.at_step] for rs in (logs, fid_logs))
     if not logs:
         raise UserError(f"{run_dir!r} has no training log lines")
     cargs = config["args"]
@@ -157,8 +173,8 @@ def evaluate(run_dir, args, cache):
         solver, steps = last.get("solver", Obj.solvers[0]), last.get("steps", Obj.sample_steps)
         own = "" if (solver, steps) == (Obj.solvers[0], Obj.sample_steps) else f" {solver}" + (f" {steps}" if steps else "")
         row["periodic_" + last["metric"] + own] = last["value"]
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
+    ckpt_path = checkpoint_at(run_dir, args.at_step)
+    if ckpt_path is None:
         if args.eval_samples or args.probe:
             raise UserError(f"{run_dir!r} has no checkpoint to sample or probe")
         print(f"warning: {run_dir!r} has no checkpoint: its row has the logged numbers only", file=sys.stderr)
@@ -174,7 +190,7 @@ def evaluate(run_dir, args, cache):
             raise UserError(f"{run_dir!r} was trained on --data {key[0]}, read from {key[1]!r}: {e}; "
                             f"--eval-data-path says where it is on this machine") from None
     data, dev = cache[key]["data"], args.device
-    ckpt, model, objective, _ = load_model(ckpts[0], "ema", dev, need_decoder=False)
+    ckpt, model, objective, _ = load_model(ckpt_path, "ema", dev, need_decoder=False)
     fits = data.shape == (model.in_channels, model.image_size, model.image_size) and \
         data.num_classes == (model.num_classes or data.num_classes)
     if not fits:          # --eval-data-path (or a folder changed since) holds another data set
@@ -209,7 +225,7 @@ def evaluate(run_dir, args, cache):
         if steps is None:       # an adaptive solver (dopri5) chose its steps: how many, per batch of 256
             row[f"nfe {name}"] = counter["nfe"] / -(-args.eval_samples // 256)
     if args.probe:
-        res = probe.probe(ckpts[0], ts=args.probe_t, train_samples=args.probe_train_samples,
+        res = probe.probe(ckpt_path, ts=args.probe_t, train_samples=args.probe_train_samples,
                           test_samples=args.probe_test_samples, device=dev, data=data)
         row["probe_json"] = res["out"]
         for t in args.probe_t:
@@ -220,7 +236,7 @@ def evaluate(run_dir, args, cache):
     return row
 
 
-def check_comparable(run_dirs, eval_data_path=None):
+def check_comparable(run_dirs, eval_data_path=None, at_step=None):
     """Refuse a table whose rows cannot be compared: runs of other data or models, runs whose
     set-up differs in a flag that is not the arm's (ARM_FLAGS), a run listed twice, or two runs of
     one arm and seed. Different step counts draw a warning, and so do runs trained from different
@@ -259,7 +275,7 @@ def check_comparable(run_dirs, eval_data_path=None):
     if eval_data_path and len(paths) > 1:
         print(f"warning: the runs were trained from {', '.join(map(repr, sorted(paths)))}, and are all scored on "
               f"--eval-data-path {eval_data_path!r}: make sure they are one data set", file=sys.stderr)
-    if len(steps) > 1:
+    if len(steps) > 1 and at_step is None:
         print(f"warning: the runs stopped at different steps ({sorted(steps, key=str)}): "
               f"their differences mix the arm with the budget", file=sys.stderr)
 
@@ -365,6 +381,9 @@ def get_args(argv=None):
       "samples (the same for every run)")
     a("--eval-data-path", default=None, help="where the runs' data set is on this machine, if not where they "
       "were trained from (runs copied from another machine)")
+    a("--at-step", type=number(int, min=1), default=None, help="evaluate every run at its checkpoint of this step "
+      "(and its log up to it), not its newest: one training scored at several budgets (train.py --keep-ckpts 0 "
+      "keeps them all)")
     a("--eval-device", default="auto", help="device for the evaluation: auto, cpu, cuda, cuda:N, mps")
     a("--probe", action="store_true", help="also a linear probe of every block of each run's newest checkpoint "
       "(probe.py): columns probe_best_t<t> and probe_reg_t<t>, and <root>/probe.png")
@@ -408,6 +427,8 @@ def get_args(argv=None):
                         f"not one of --objective {objective}")
     if not args.compare and args.steps is None:
         raise UserError("give --steps (the training budget), or --compare RUN_DIR ...")
+    if not args.compare and args.at_step and args.at_step > args.steps:
+        raise UserError(f"--at-step {args.at_step}: past --steps {args.steps}")
     if not args.compare and args.eval_samples:      # a solver that does not fit, now, not after the training
         sampler(objective, args.sample_solver, args.sample_steps, SAMPLE_FLAGS)
     try:
@@ -457,7 +478,10 @@ def main(argv=None):
                 raise UserError(f"{out} stopped before step {args.steps}; run the same command again to continue")
 
     args.device = pick_device(args.eval_device)
-    check_comparable(run_dirs, args.eval_data_path)
+    check_comparable(run_dirs, args.eval_data_path, args.at_step)
+    if args.at_step:            # every run has that step's checkpoint, before the first evaluation
+        for d in run_dirs:
+            checkpoint_at(d, args.at_step)
     if args.eval_samples:       # the runs' objective(s) and the solver flags, before the first evaluation
         for objective in {read_log(d)[0]["args"].get("objective", "flow") for d in run_dirs}:
             sampler(objective, args.sample_solver, args.sample_steps, SAMPLE_FLAGS)
@@ -473,7 +497,8 @@ def main(argv=None):
     with atomic_output(os.path.join(args.root, "ab.md"), mode="w") as f:
         f.write(md + "\n")
     with atomic_output(os.path.join(args.root, "ab.json"), mode="w") as f:
-        json.dump({"rows": rows, "train_args": train_args, "steps": args.steps, "eval_samples": args.eval_samples,
+        json.dump({"rows": rows, "train_args": train_args, "steps": args.steps, "at_step": args.at_step,
+                   "eval_samples": args.eval_samples,
                    "eval_data_path": args.eval_data_path,
                    "extractor": args.extractor if args.eval_samples else None, "cfg_scale": args.cfg_scale,
                    # what the Frechet distances were measured with: the features (a classifier's by its

@@ -335,6 +335,25 @@ def test_compare_refuses_rows_that_do_not_compare(image_folder, tmp_path, capsys
         ab.main(["--compare", moved, "--eval-data-path", other, *cmp])
 
 
+def test_at_step_scores_a_runs_earlier_checkpoint_as_that_of_a_shorter_run(image_folder, tmp_path):
+    """--at-step N evaluates the checkpoint of step N, with the log up to it: the row of a run of
+    the same seed trained to N steps only (the same batches and noise, so the same weights)."""
+    long, short = str(tmp_path / "long"), str(tmp_path / "short")
+    train.main(tiny_args(image_folder, long, "--steps", "4", "--ckpt-every", "2", "--keep-ckpts", "0", "--log-every", "1"))
+    train.main(tiny_args(image_folder, short, "--steps", "2", "--ckpt-every", "2", "--log-every", "1"))
+    cmp = ["--root", str(tmp_path / "ab")]
+    at, ref = ab.main(["--compare", long, "--at-step", "2", *cmp])[0], ab.main(["--compare", short, *cmp])[0]
+    assert at["step"] == ref["step"] == 2 and at["flow"] == ref["flow"] and at["disp_diag"] == ref["disp_diag"]
+    assert at["ema_flow"] == pytest.approx(ref["ema_flow"], rel=1e-6)
+    newest = ab.main(["--compare", long, *cmp])[0]
+    assert newest["step"] == 4 and newest["ema_flow"] != pytest.approx(at["ema_flow"], rel=1e-6)
+    assert json.load(open(tmp_path / "ab" / "ab.json"))["at_step"] is None
+    with pytest.raises(UserError, match=r"--at-step 3: .*long' has no checkpoint of that step \(it has: 2, 4\)"):
+        ab.main(["--compare", long, "--at-step", "3", *cmp])
+    with pytest.raises(UserError, match="--at-step 5: past --steps 4"):
+        ab.main(["--steps", "4", "--at-step", "5", *cmp, "--", *ab_train_args(image_folder)])
+
+
 def test_arm_names_show_the_settings_that_differ_from_the_papers():
     """An arm is named by what differs from the paper's lambda, tau, variant and block, in tables and
     legends and, in its directory form, in ab.py's run directories."""
