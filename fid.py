@@ -458,10 +458,8 @@ def reference_of_checkpoint(args, trained, latent):
         if args.ref_data is None:
             raise UserError("this checkpoint's model works on latents: its reference is images, so give --ref-stats "
                             "(ImageNet 256: ADM's reference batch, docs/imagenet.md) or --ref-data and --ref-data-path")
-        args.ref_data_path = args.ref_data_path or "data"
         return None, None
     if args.ref_data not in (None, trained["data"]):
-        args.ref_data_path = args.ref_data_path or "data"
         print(f"warning: the checkpoint's model was trained on --data {trained['data']}, and is scored against "
               f"--ref-data {args.ref_data}", file=sys.stderr)
         return None, None
@@ -560,8 +558,8 @@ def main(argv=None):
                 raise UserError(f"--num-samples {args.num_samples} but {args.samples!r} holds only {len(images)} images")
             images = images[:args.num_samples]
         generation = generation or "unknown (an .npz from an older sample.py, or an image folder)"
-        args.ref_data, args.ref_data_path = args.ref_data or "cifar10", args.ref_data_path or "data"
         ref_size = ref_path_from_ckpt = None
+    args.ref_data, args.ref_data_path = args.ref_data or "cifar10", args.ref_data_path or "data"   # what is left
     try:
         ref_mu, ref_sigma, ref = reference_stats(fn, info, stats_path=args.ref_stats, data=args.ref_data,
                                                  data_path=args.ref_data_path, image_size=ref_size,
