@@ -19,7 +19,8 @@ named by the settings that differ from the paper's (plots.arm_of): <root>/disper
 "dispersive hinge λ=0.25" in the table.
 
 Each run is then evaluated the same way, and a markdown table (mean and std
-over seeds, and the paired per-seed difference from the baseline) is printed and written to
+over seeds, and the paired per-seed difference from the baseline with its 95% t-interval
+in brackets) is printed and written to
 <root>/ab.md, with <root>/ab.json and, where matplotlib is installed, <root>/curves.png, the runs'
 training curves (plots.py).
 
@@ -289,6 +290,34 @@ def mean_std(xs):
     return f"{np.mean(xs):.4g} ± {np.std(xs, ddof=1):.2g}"
 
 
+# Student's t, 97.5% quantile, for 1..30 degrees of freedom (a textbook table; scipy is optional).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df):
+    """The t quantile that makes mean ± t975 * SE a 95% interval; beyond the table, the
+    Cornish-Fisher series in 1/df about the normal's 1.96 (within 1e-4 from 31 on)."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_cell(diffs, n_seeds):
+    """A Δ cell: mean ± std of the per-seed differences, then their 95% t-interval (what tells a
+    difference from the seed-to-seed noise), and n where fewer seeds than the row's have this metric."""
+    cell = mean_std(diffs)
+    n = len(diffs)
+    if n >= 2:
+        half = t975(n - 1) * np.std(diffs, ddof=1) / np.sqrt(n)
+        cell += f" [{np.mean(diffs) - half:.3g}, {np.mean(diffs) + half:.3g}]"
+    if 0 < n < n_seeds:
+        cell += f" (n={n})"
+    return cell
+
+
 def baseline_value(base, r, metric):
     """The baseline's metric measured as run r measures its own. The dispersion diagnostics are
     those of the regularised block(s): the baseline's are taken at r's blocks (its log and probe
@@ -333,7 +362,7 @@ def table(rows):
         seeds = sorted({r["seed"] for r in rows if r["arm"] == arm} & {r["seed"] for r in rows if r["arm"] == "baseline"})
         if seeds:
             lines.append(f"| Δ {arm} - baseline, paired | {','.join(map(str, seeds))} | | "
-                         + " | ".join(mean_std(paired(rows, arm, m)) for m in metrics) + " |")
+                         + " | ".join(paired_cell(paired(rows, arm, m), len(seeds)) for m in metrics) + " |")
     # Under a --disp-block sweep the baseline row shows its own block, and a Δ line is not that row's
     # difference: say so under the table.
     base = [r for r in rows if r["arm"] == "baseline" and "settings" in r]

@@ -77,7 +77,9 @@ def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch
             vals = [by[(arm, s)][metric] for s in (0, 1)]
             assert table[arm][col] == f"{np.mean(vals):.4g} ± {np.std(vals, ddof=1):.2g}"
         diffs = [by[("dispersive", s)][metric] - by[("baseline", s)][metric] for s in (0, 1)]
-        assert table["Δ dispersive - baseline, paired"][col] == f"{np.mean(diffs):.4g} ± {np.std(diffs, ddof=1):.2g}"
+        half = 12.706 * np.std(diffs, ddof=1) / np.sqrt(2)        # t at 1 degree of freedom
+        assert table["Δ dispersive - baseline, paired"][col] == (
+            f"{np.mean(diffs):.4g} ± {np.std(diffs, ddof=1):.2g} [{np.mean(diffs) - half:.3g}, {np.mean(diffs) + half:.3g}]")
         if metric not in probe_cols:        # 8 held-out images: the probe's accuracies may tie
             assert diffs[0] != 0 and diffs[1] != 0
     assert table["baseline"][:2] == ["0,1", "3"]
@@ -105,6 +107,20 @@ def test_ab_arms_same_data_table_and_compare(image_folder, tmp_path, monkeypatch
     # a table without the probe does not keep the probe figure of an earlier call beside it
     ab.main(["--compare", *[str(root / n) for n in names], "--root", str(root)])
     assert not (root / "probe.png").exists() and (root / "curves.png").is_file() == plots.have_matplotlib()
+
+
+def test_a_paired_difference_carries_its_95_percent_t_interval():
+    """A Δ cell reads: mean ± std of the per-seed differences [95% t-interval], and n where fewer
+    seeds than the row names have the metric. The known answer is the README's β2 0.95 CIFAR-10
+    study at 7,200 steps: four seeds, t(3) = 3.182, the interval -1.39..+0.11 holds zero."""
+    assert ab.paired_cell([+0.04, -0.79, -1.05, -0.76], 4) == "-0.64 ± 0.47 [-1.39, 0.11]"
+    assert ab.paired_cell([1.0, 3.0], 2) == "2 ± 1.4 [-10.7, 14.7]"          # 2 ± 12.706 * sqrt(2) / sqrt(2)
+    assert ab.paired_cell([1.0, 3.0], 3) == "2 ± 1.4 [-10.7, 14.7] (n=2)"    # the third seed lacks it
+    assert ab.paired_cell([0.5], 2) == "0.5 (n=1)" and ab.paired_cell([], 2) == "-"
+    # the table's quantiles and the series beyond it, against the t distribution where scipy is installed
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 400):
+        assert ab.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=5e-4), df
 
 
 def test_ab_bad_input(tmp_path):
