@@ -107,6 +107,11 @@ class LatentSet:
         if len(labels) and (labels.dtype.kind not in "iu" or not 0 <= labels.min() <= labels.max() < len(classes)):
             raise UserError(f"{path!r}: labels.npy must hold integers in 0..{len(classes) - 1} (meta.json's "
                             f"{len(classes)} classes), got {labels.dtype} in {labels.min()}..{labels.max()}")
+        # with mirror images (the default) image i is rows 2i and 2i+1; the probe keeps them together
+        self.rows_per_image = 2 if meta.get("flip") else 1
+        if len(labels) != meta["num_images"] * self.rows_per_image:
+            raise UserError(f"{path!r}: {len(labels)} rows for {meta['num_images']} images "
+                            f"{'with' if self.rows_per_image == 2 else 'without'} mirror images: re-run encode_latents.py")
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.classes = list(classes)
         self.num_classes = len(self.classes)

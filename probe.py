@@ -99,12 +99,16 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, weight_decay=1e-
 # Features of a checkpoint
 # ----------------------------------------------------------------------------------------
 
-def split_indices(n, train, test, seed=0):
-    """Two disjoint sets of indices into a data set of n samples: the first train and the next
-    test of one seeded permutation."""
-    if train + test > n:
-        raise UserError(f"--train-samples {train} + --test-samples {test} exceed the {n} images of the data set")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+def split_indices(n, train, test, seed=0, rows_per_image=1):
+    """Two disjoint sets of row indices into a data set of n rows: the first train and the next
+    test images of one seeded permutation of its images. A latent set with mirror images
+    (encode_latents.py) stores image i as rows 2i and 2i+1, whose mean-pooled features are
+    nearly the same: the permutation is of images, each read once, unflipped (row 2i), so no
+    image's mirror sits in the held-out split beside it in the fitting one."""
+    images = n // rows_per_image
+    if train + test > images:
+        raise UserError(f"--train-samples {train} + --test-samples {test} exceed the {images} images of the data set")
+    perm = torch.randperm(images, generator=torch.Generator().manual_seed(seed)) * rows_per_image
     return perm[:train], perm[train:train + test]
 
 
@@ -171,7 +175,7 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
     if tuple(data.shape) != (model.in_channels, model.image_size, model.image_size):
         raise UserError(f"the data's samples are {tuple(data.shape)}; the checkpoint's model takes "
                         f"{(model.in_channels, model.image_size, model.image_size)}")
-    train_idx, test_idx = split_indices(len(data), train_samples, test_samples, seed)
+    train_idx, test_idx = split_indices(len(data), train_samples, test_samples, seed, getattr(data, "rows_per_image", 1))
     g = torch.Generator().manual_seed(seed)
     x, labels = data.batch(torch.cat([train_idx, test_idx]).to(data.index_device), generator=g)  # latents: seeded
     x, labels = x.cpu(), labels.cpu()

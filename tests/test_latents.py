@@ -177,6 +177,19 @@ def test_train_checkpoint_sample_and_decode(latents, images, vae_dir, tmp_path, 
     with pytest.raises(UserError, match="--vae DIR"):
         run_sample("--vae", str(tmp_path / "run"), "--out", str(tmp_path / "g.png"))    # a directory, not a VAE
 
+    # the linear probe splits images, not rows: image i is rows 2i and 2i+1 (its mirror), whose
+    # pooled features are nearly the same, so the two always sit on one side, and it reads row 2i
+    import probe
+    read = []
+    with monkeypatch.context() as m:
+        m.setattr(LatentSet, "batch", lambda self, idx, generator=None: read.append(idx) or
+                  (torch.from_numpy(self.moments[idx.numpy(), 0]).float(), self.labels[idx]))
+        res = probe.probe(ckpt_path, blocks=(1,), ts=(0.5,), train_samples=16, test_samples=8, out=False)
+    assert res["train_samples"] == 16 and len(read) == 1
+    assert sorted(read[0].tolist()) == list(range(0, 48, 2))      # all 24 images, each once, unflipped
+    with pytest.raises(UserError, match="exceed the 24 images"):
+        probe.split_indices(48, 20, 5, rows_per_image=2)
+
     # fid.py: a latent model's reference is images, not its latents, and their size (the VAE's
     # decoding of a latent) is checked before any sampling
     import fid
@@ -272,6 +285,9 @@ def test_labels_and_meta_that_do_not_fit_are_one_line(tmp_path):
                           ([[0], [1]], r"labels.npy \(2, 1\) do not match")]:
         with pytest.raises(UserError, match=match):
             LatentSet(latent_set(labels))
+    with pytest.raises(UserError, match="4 rows for 4 images with mirror images"):    # mirrors: 2 rows each
+        LatentSet(latent_set([0, 1, 1, 0], flip=True))
+    assert LatentSet(latent_set([0, 1, 1, 0], flip=True, num_images=2, done=2)).rows_per_image == 2
     for meta in ({"scale_factor": "x"}, {"image_size": "big"}, {"classes": []}):
         with pytest.raises(UserError, match="classes must be a non-empty list, scale_factor and image_size positive"):
             LatentSet(latent_set([0, 1], **meta))
