@@ -149,7 +149,8 @@ def colours(n):
 
 
 def shade(colour, block, depth):
-    """The arm's colour, lighter for shallow blocks: mixed with white, 35% colour for block 1 up to 100%."""
+    """The arm's colour, lighter for shallow blocks: mixed with white, from 35% + 65% / depth colour
+    for block 1 up to 100% for the last."""
     from matplotlib.colors import to_rgb
     mix = 0.35 + 0.65 * (block / depth if depth > 1 else 1.0)
     return tuple(1 - mix * (1 - c) for c in to_rgb(colour))
@@ -185,6 +186,10 @@ def seed_mean(runs, value):
     """(steps, mean, min, max) over the runs of one group at the steps they all logged;
     value(log line) -> a number."""
     steps = sorted(set.intersection(*[{r["step"] for r in logs} for _, logs in runs]))
+    if not steps:           # e.g. a seed continued in a new directory, whose log starts later
+        spans = "; ".join(f"{c['args'].get('out')!r} logged steps {logs[0]['step']}..{logs[-1]['step']}" for c, logs in runs)
+        raise UserError(f"runs of one arm, averaged over their seeds, logged no step in common ({spans}): "
+                        f"plot them in separate calls")
     at = [{r["step"]: value(r) for r in logs} for _, logs in runs]
     vals = np.array([[a[s] for s in steps] for a in at], dtype=float)      # (runs, steps)
     return np.array(steps), vals.mean(0), vals.min(0), vals.max(0)
@@ -278,7 +283,7 @@ def read_probe(path):
             res = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read probe result {path!r} ({e})") from None
-    if "rows" not in res or "pixels" not in res:
+    if not isinstance(res, dict) or not all(k in res for k in ("rows", "pixels", "depth", "chance", "train_samples")):
         raise UserError(f"{path!r} is not a result of probe.py")
     return res
 
@@ -307,6 +312,12 @@ def probe_figure(results, out):
     results = [read_probe(r) if isinstance(r, str) else r for r in results]
     if not results:
         raise UserError("no probe results to plot")
+    # the dashed line of the input's probe, chance and the title belong to one data set and split
+    data = {f"{res['train_args'].get('data')} {res['train_args'].get('data_path')}" for res in results if "train_args" in res}
+    split = {(res["train_samples"], res["test_samples"]) for res in results}
+    if len(data) > 1 or len(split) > 1:
+        raise UserError(f"one probe figure holds probes of one data set and one split (fit / held out); these have "
+                        f"data {sorted(data)} and splits {sorted(split)}: plot them in separate calls")
     ts = sorted({r["t"] for res in results for r in res["rows"]}, reverse=True)
     kind = lambda res: (probe_arm(res), res.get("objective", "flow"))
     depth = max(res["depth"] for res in results)
@@ -315,6 +326,7 @@ def probe_figure(results, out):
     for ax, t in zip(axes[0], ts):
         drawn[t] = {}
         reg = []                    # (regularised blocks, their points, colour) of each dispersive arm
+        shown = []                  # every seed's accuracy, so that the axis holds the error bars
         groups = group(results, kind, probe_setting, lambda res: res.get("seed"))
         for (label, members), colour in zip(groups, colours(len(groups))):
             accs = {}
@@ -323,6 +335,7 @@ def probe_figure(results, out):
                     if r["t"] == t:
                         accs.setdefault(r["block"], []).append(r["accuracy"])
             blocks = sorted(accs)
+            shown += [a for v in accs.values() for a in v]
             mean = [float(np.mean(accs[b])) for b in blocks]
             err = np.array([[m - min(accs[b]) for b, m in zip(blocks, mean)],
                             [max(accs[b]) - m for b, m in zip(blocks, mean)]])
@@ -343,12 +356,22 @@ def probe_figure(results, out):
             if any(points for _, points, _ in reg):
                 ax.plot([], [], ls="none", marker="o", ms=12, mfc="none", mec="0.3",
                         label="ringed: the line's regularised block")
-        pix = [p["accuracy"] for res in results for p in res["pixels"] if p["t"] == t]
-        if pix:
-            ax.axhline(np.mean(pix), color="0.3", ls="--", lw=1, label="linear probe on the input x_t")
+        # the input x_t is the objective's noising of the data: one line per objective, drawn once
+        # where two noise alike (the contrastive arm's is flow matching's)
+        pix = {}
+        for res in results:
+            accs = [p["accuracy"] for p in res["pixels"] if p["t"] == t]
+            if accs:
+                pix.setdefault(res.get("objective", "flow"), []).extend(accs)
+        lines = {}
+        for objective, accs in pix.items():
+            lines.setdefault(round(float(np.mean(accs)), 6), []).append(objective)
+        for i, (acc, objectives) in enumerate(sorted(lines.items())):
+            ax.axhline(acc, color="0.3", ls="--" if i == 0 else "-.", lw=1, label="linear probe on the input x_t"
+                       + (f" ({', '.join(objectives)})" if len(lines) > 1 else ""))
         # the axis spans the accuracies (differences of a point or two matter), chance only if near them
         chance = float(np.mean([res["chance"] for res in results]))
-        shown = [a for _, (_, m) in drawn[t].items() for a in m] + pix
+        shown += list(lines)
         lo, hi = max(0.0, min(shown) - 0.04), min(1.0, max(shown) + 0.04)
         if chance >= lo - 0.1:
             ax.axhline(chance, color="0.5", ls=":", lw=1, label="chance")

@@ -108,6 +108,54 @@ def test_probe_figure_and_cli(runs, tmp_path, monkeypatch):
     assert not (tmp_path / "cli2").exists()
 
 
+def test_the_probe_figures_reference_lines_and_axis_belong_to_what_it_shows(runs, tmp_path, monkeypatch):
+    """The dashed line of the input's own probe is the objective's (one line per noising, drawn
+    once where two noise alike); one figure holds one data set and one split; the axis holds every
+    seed's accuracy, not the means only, so no error bar runs off the panel."""
+    base = probe.probe(runs["baseline_s0"], ts=(0.5,), train_samples=16, test_samples=8, stats_samples=8, out=False)
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig))
+    with_acc = lambda res, acc, **kw: {**res, "rows": [{**r, "accuracy": acc} for r in res["rows"]], **kw}
+    pixels = lambda res, acc: {**res, "pixels": [{**p, "accuracy": acc} for p in res["pixels"]]}
+    # two seeds at 0.40 and 0.60 on every block (the input's probe at 0.5, chance far below): the
+    # mean is 0.5, the error bars reach both
+    s1 = with_acc(base, 0.6, seed=1, train_args={**base["train_args"], "seed": 1}, chance=0.1)
+    plots.probe_figure([pixels(with_acc(base, 0.4, chance=0.1), 0.5), pixels(s1, 0.5)], "p.png")
+    lo, hi = figs[-1].axes[0].get_ylim()
+    assert lo <= 0.4 and hi >= 0.6
+    # flow matching, its contrastive counterpart (the same noising: one line) and DDPM's (another line)
+    arm = lambda objective: {**base, "objective": objective, "train_args": {**base["train_args"], "objective": objective}}
+    plots.probe_figure([pixels(base, 0.3), pixels(arm("contrastive"), 0.3), pixels(arm("diffusion"), 0.7)], "p.png")
+    dashed = {line.get_label(): line.get_ydata()[0] for line in figs[-1].axes[0].lines if line.get_linestyle() in ("--", "-.")}
+    assert dashed == {"linear probe on the input x_t (flow, contrastive)": 0.3, "linear probe on the input x_t (diffusion)": 0.7}
+    plots.probe_figure([pixels(base, 0.3), pixels(arm("contrastive"), 0.3)], "p.png")
+    assert [line.get_label() for line in figs[-1].axes[0].lines if line.get_linestyle() == "--"] == ["linear probe on the input x_t"]
+    # another data set, or another split, is another figure
+    other = {**base, "train_args": {**base["train_args"], "data": "fashion-mnist", "data_path": "data"}}
+    with pytest.raises(UserError, match="one probe figure holds probes of one data set and one split"):
+        plots.probe_figure([base, other], "p.png")
+    with pytest.raises(UserError, match=r"splits \[\(16, 8\), \(32, 8\)\]"):
+        plots.probe_figure([base, {**s1, "train_samples": 32}], "p.png")
+    # a JSON file that is not probe.py's result is one line
+    for text in ("null", '"rows pixels"', "[]"):
+        (tmp_path / "x.json").write_text(text)
+        with pytest.raises(UserError, match="is not a result of probe.py"):
+            plots.read_probe(str(tmp_path / "x.json"))
+
+
+def test_seeds_of_one_arm_without_a_common_step_are_refused(runs, tmp_path):
+    """A seed continued in a new directory logs from a later step: its mean with another seed has
+    no point, which drew nothing (or crashed in matplotlib's log scale); now it is a clear error."""
+    lines = open(f"{runs['baseline_s1']}/metrics.jsonl").read().splitlines()
+    later = tmp_path / "baseline_s1_later"
+    later.mkdir()
+    shifted = [json.dumps({**r, "step": r["step"] + 10}) if r.get("type") == "train" else json.dumps(r)
+               for r in map(json.loads, lines)]
+    (later / "metrics.jsonl").write_text("\n".join(shifted) + "\n")
+    with pytest.raises(UserError, match="logged no step in common .*logged steps 11..13"):
+        plots.curves([runs["baseline_s0"], str(later)], str(tmp_path / "c.png"))
+
+
 def test_runs_of_two_experiments_are_not_averaged_as_seeds(runs, tmp_path):
     """The same arm on other data is another line, named by its data and model; the same arm and
     seed twice is refused (averaging it with itself would halve the seed spread)."""
