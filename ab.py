@@ -299,6 +299,8 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def t975(df):
     """The t quantile that makes mean ± t975 * SE a 95% interval; beyond the table, the
     Cornish-Fisher series in 1/df about the normal's 1.96 (within 1e-4 from 31 on)."""
+    if df < 1:
+        raise ValueError(f"a t-interval needs at least 1 degree of freedom, got {df}")
     if df <= len(T975):
         return T975[df - 1]
     z = 1.959964

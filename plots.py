@@ -283,8 +283,12 @@ def read_probe(path):
             res = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read probe result {path!r} ({e})") from None
-    if not isinstance(res, dict) or not all(k in res for k in ("rows", "pixels", "depth", "chance", "train_samples")):
+    if not isinstance(res, dict) or not all(k in res for k in ("rows", "pixels", "depth", "chance", "train_samples",
+                                                                  "test_samples")):
         raise UserError(f"{path!r} is not a result of probe.py")
+    if res.get("data") == "latents" and "split" not in res:
+        raise UserError(f"{path!r} probed latents before probe.py split them by image (an image's mirror row could "
+                        f"sit in the held-out split beside it in the fitting one): probe that checkpoint again")
     return res
 
 
@@ -312,8 +316,9 @@ def probe_figure(results, out):
     results = [read_probe(r) if isinstance(r, str) else r for r in results]
     if not results:
         raise UserError("no probe results to plot")
-    # the dashed line of the input's probe, chance and the title belong to one data set and split
-    data = {f"{res['train_args'].get('data')} {res['train_args'].get('data_path')}" for res in results if "train_args" in res}
+    # the dashed line of the input's probe, chance and the title belong to one data set and split (by
+    # name and image size: ab.py scores runs trained from copies at other paths on one --eval-data-path)
+    data = {f"{res['data']} {res.get('train_args', {}).get('image_size') or ''}".strip() for res in results if res.get("data")}
     split = {(res["train_samples"], res["test_samples"]) for res in results}
     if len(data) > 1 or len(split) > 1:
         raise UserError(f"one probe figure holds probes of one data set and one split (fit / held out); these have "
@@ -356,8 +361,9 @@ def probe_figure(results, out):
             if any(points for _, points, _ in reg):
                 ax.plot([], [], ls="none", marker="o", ms=12, mfc="none", mec="0.3",
                         label="ringed: the line's regularised block")
-        # the input x_t is the objective's noising of the data: one line per objective, drawn once
-        # where two noise alike (the contrastive arm's is flow matching's)
+        # the input x_t is the objective's noising of the data: one line per objective. The input's
+        # probe does not depend on the model, so objectives that noise alike (the contrastive arm's is
+        # flow matching's) give the same accuracy, to the digit, and share one line
         pix = {}
         for res in results:
             accs = [p["accuracy"] for p in res["pixels"] if p["t"] == t]

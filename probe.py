@@ -215,6 +215,7 @@ def probe(ckpt_path, blocks=None, ts=(0.9, 0.5), train_samples=5000, test_sample
               "disp_weight": cargs.get("disp_weight"), "disp_blocks": disp_blocks, "depth": model.depth,
               "data": cargs.get("data"), "num_classes": data.num_classes, "null_label": model.num_classes,
               "train_samples": train_samples, "test_samples": test_samples, "stats_samples": keep,
+              "split": "by image",        # not by row: results on latents before this field split mirrors apart
               "weight_decay": weight_decay, "probe_seed": seed, "t": list(ts), "blocks": list(blocks),
               "chance": chance, "pixels": pixels, "rows": rows, "seconds": time.perf_counter() - start,
               "device": str(device)}

@@ -117,6 +117,8 @@ def test_a_paired_difference_carries_its_95_percent_t_interval():
     assert ab.paired_cell([1.0, 3.0], 2) == "2 ± 1.4 [-10.7, 14.7]"          # 2 ± 12.706 * sqrt(2) / sqrt(2)
     assert ab.paired_cell([1.0, 3.0], 3) == "2 ± 1.4 [-10.7, 14.7] (n=2)"    # the third seed lacks it
     assert ab.paired_cell([0.5], 2) == "0.5 (n=1)" and ab.paired_cell([], 2) == "-"
+    with pytest.raises(ValueError, match="at least 1 degree of freedom"):
+        ab.t975(0)
     # the table's quantiles and the series beyond it, against the t distribution where scipy is installed
     stats = pytest.importorskip("scipy.stats")
     for df in range(1, 400):

@@ -131,16 +131,26 @@ def test_the_probe_figures_reference_lines_and_axis_belong_to_what_it_shows(runs
     plots.probe_figure([pixels(base, 0.3), pixels(arm("contrastive"), 0.3)], "p.png")
     assert [line.get_label() for line in figs[-1].axes[0].lines if line.get_linestyle() == "--"] == ["linear probe on the input x_t"]
     # another data set, or another split, is another figure
-    other = {**base, "train_args": {**base["train_args"], "data": "fashion-mnist", "data_path": "data"}}
+    other = {**base, "data": "fashion-mnist", "train_args": {**base["train_args"], "data": "fashion-mnist"}}
     with pytest.raises(UserError, match="one probe figure holds probes of one data set and one split"):
         plots.probe_figure([base, other], "p.png")
+    moved = {**s1, "train_args": {**s1["train_args"], "data_path": "/elsewhere/copy"}}   # one set, another path
+    plots.probe_figure([base, moved], "p.png")
     with pytest.raises(UserError, match=r"splits \[\(16, 8\), \(32, 8\)\]"):
         plots.probe_figure([base, {**s1, "train_samples": 32}], "p.png")
     # a JSON file that is not probe.py's result is one line
-    for text in ("null", '"rows pixels"', "[]"):
+    no_test = {k: v for k, v in base.items() if k != "test_samples"}
+    for text in ("null", '"rows pixels"', "[]", json.dumps(no_test)):
         (tmp_path / "x.json").write_text(text)
         with pytest.raises(UserError, match="is not a result of probe.py"):
             plots.read_probe(str(tmp_path / "x.json"))
+    # a probe of latents from before the split by image is refused; one from after it is read
+    (tmp_path / "x.json").write_text(json.dumps({k: v for k, v in {**base, "data": "latents"}.items() if k != "split"}))
+    with pytest.raises(UserError, match="probed latents before probe.py split them by image"):
+        plots.read_probe(str(tmp_path / "x.json"))
+    assert base["split"] == "by image"
+    (tmp_path / "x.json").write_text(json.dumps({**base, "data": "latents"}))
+    assert plots.read_probe(str(tmp_path / "x.json"))["data"] == "latents"
 
 
 def test_seeds_of_one_arm_without_a_common_step_are_refused(runs, tmp_path):
