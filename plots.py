@@ -187,7 +187,8 @@ def seed_mean(runs, value):
     value(log line) -> a number."""
     steps = sorted(set.intersection(*[{r["step"] for r in logs} for _, logs in runs]))
     if not steps:           # e.g. a seed continued in a new directory, whose log starts later
-        spans = "; ".join(f"{c['args'].get('out')!r} logged steps {logs[0]['step']}..{logs[-1]['step']}" for c, logs in runs)
+        spans = "; ".join(f"{c['args'].get('out')!r} logged steps {logs[0]['step']}..{logs[-1]['step']}"
+                          for c, logs in runs)
         raise UserError(f"runs of one arm, averaged over their seeds, logged no step in common ({spans}): "
                         f"plot them in separate calls")
     at = [{r["step"]: value(r) for r in logs} for _, logs in runs]
@@ -318,7 +319,8 @@ def probe_figure(results, out):
         raise UserError("no probe results to plot")
     # the dashed line of the input's probe, chance and the title belong to one data set and split (by
     # name and image size: ab.py scores runs trained from copies at other paths on one --eval-data-path)
-    data = {f"{res['data']} {res.get('train_args', {}).get('image_size') or ''}".strip() for res in results if res.get("data")}
+    data = {f"{res['data']} {res.get('train_args', {}).get('image_size') or ''}".strip()
+            for res in results if res.get("data")}
     split = {(res["train_samples"], res["test_samples"]) for res in results}
     if len(data) > 1 or len(split) > 1:
         raise UserError(f"one probe figure holds probes of one data set and one split (fit / held out); these have "
