@@ -41,13 +41,13 @@ def contrastive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0)
                 the views (the alignment of Wang and Isola, 2020, with its exponent 2).
     covariance  the dispersive covariance term of all the views, plus the same alignment term
                 (VICReg's invariance term: the mean squared distance between the two views).
-    group_size G > 0 (even): computed within consecutive groups of G views and averaged."""
+    group_size G > 0 (even, >= 4): computed within consecutive groups of G views and averaged."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown contrastive variant {variant!r}; choose one of {VARIANTS}")
     B = z.shape[0]
     G = group_size or B
-    if B % G or G % 2:
-        raise ValueError(f"the group size {G} must be even and divide the batch of {B} views")
+    if B % G or G % 2 or G < 4:     # a group of one image's two views holds no negative
+        raise ValueError(f"the group size {G} must be even, at least 4 (two images) and divide the batch of {B} views")
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.reshape(B // G, G, -1).float()                              # (groups, G, d)
         d = z.shape[-1]
@@ -100,8 +100,9 @@ class PairedContrastive(FlowMatching):
 
     @classmethod
     def from_args(cls, args, model, null_label):
-        if args.disp_group_size % 2:
-            raise UserError(f"--disp-group-size {args.disp_group_size}: groups must hold whole pairs of views (even)")
+        if args.disp_group_size % 2 or args.disp_group_size == 2:
+            raise UserError(f"--disp-group-size {args.disp_group_size}: groups must hold whole pairs of views (even), "
+                            "of at least two images (one image's pair has no negative: InfoNCE is 0, hinge NaN)")
         reg = Contrastive(args.disp_weight, args.disp_tau, Dispersive.from_args(args, model.depth).blocks,
                           args.disp_variant, args.disp_group_size)
         return cls(reg, null_label, args.p_uncond, same_t=args.pair_t == "same")

@@ -66,8 +66,9 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
     covariance  sum of squared off-diagonal entries of the d x d covariance of the batch
                 features, each feature standardised over the batch first (so the entries
                 are correlations), divided by d as VICReg does. With d > B (always, here)
-                the correlations have rank <= B - 1 and trace d, so the value cannot fall
-                below d / (B - 1) - 1 (about 6,550 for S/2's block, d = 98,304, B = 16):
+                the correlations have rank <= B - 1 and trace d (when no feature is constant
+                within the group), so the value cannot fall below d / (B - 1) - 1 (about
+                6,550 for S/2's block, d = 98,304, B = 16):
                 compare its changes, not its size, with the other variants. The d x d matrix
                 is never formed: its squared Frobenius norm equals that of the B x B Gram
                 matrix of the samples.
@@ -123,7 +124,7 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
 class Dispersive:
     """The regulariser as the objectives use it: the dispersive loss of the chosen blocks'
     outputs (their mean, with several blocks), unweighted; the objective multiplies it by
-    `weight` (lambda). weight 0 is the baseline: nothing is computed then. The defaults are the
+    `weight` (lambda). weight 0 is the baseline: the objective then skips the term (FlowMatching.__call__). The defaults are the
     paper's (block 3 = depth // 4 of the 12-block S and B models; from_args takes the flags)."""
 
     def __init__(self, weight=0.5, tau=0.5, blocks=(3,), variant="infonce_l2", group_size=16):

@@ -38,8 +38,25 @@ def test_hand_cases():
     # a pair that disagrees costs its alignment D (views 0 and 1 are 1 apart): mean over views (1 + 1 + 0 + 0) / 4
     z = torch.tensor([[0.0], [1.0], [3.0], [3.0]])
     assert contrastive_loss(z, "hinge", margin=2.0).item() == pytest.approx(0.5)     # negatives all at D >= 4
-    cov = dispersive_loss(z, "covariance")
-    assert contrastive_loss(z, "covariance").item() == pytest.approx(cov.item() + 0.5, abs=1e-6)
+    # covariance: the dispersive covariance term plus the same alignment. With d = 1 that term is 0
+    # (one feature has no off-diagonal), so the check takes d = 3, where the term is the features'
+    # correlations squared, off the diagonal, over d (numpy's corrcoef as the reference)
+    z3 = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 2.0, 0.0], [2.0, 2.0, 3.0]])
+    cov = (torch.corrcoef(z3.T).pow(2).sum() - 3) / 3
+    assert cov.item() > 0.5
+    assert dispersive_loss(z3, "covariance").item() == pytest.approx(cov.item(), abs=1e-5)
+    align = (1 / 3 + 1 / 3 + 3 + 3) / 4        # D of pair (0, 1) is 1/3, of pair (2, 3) 9/3, each counted twice
+    assert contrastive_loss(z3, "covariance").item() == pytest.approx(cov.item() + align, abs=1e-5)
+
+
+def test_a_group_must_hold_two_images():
+    # one image's two views have no negative: InfoNCE would be exactly 0 and hinge's mean empty (NaN)
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for variant in ("infonce_l2", "hinge"):
+        with pytest.raises(ValueError, match="at least 4"):
+            contrastive_loss(z, variant, group_size=2)
+        with pytest.raises(ValueError, match="at least 4"):
+            contrastive_loss(z[:2], variant)
 
 
 def test_alignment_pulls_pairs_together_and_groups_hold_pairs():
