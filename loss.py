@@ -124,8 +124,9 @@ def dispersive_loss(z, variant="infonce_l2", tau=0.5, margin=1.0, group_size=0):
 class Dispersive:
     """The regulariser as the objectives use it: the dispersive loss of the chosen blocks'
     outputs (their mean, with several blocks), unweighted; the objective multiplies it by
-    `weight` (lambda). weight 0 is the baseline: the objective then skips the term (FlowMatching.__call__). The defaults are the
-    paper's (block 3 = depth // 4 of the 12-block S and B models; from_args takes the flags)."""
+    `weight` (lambda). weight 0 is the baseline: the objective then skips the term
+    (FlowMatching.__call__). The defaults are the paper's (block 3 = depth // 4 of the 12-block
+    S and B models; from_args takes the flags)."""
 
     def __init__(self, weight=0.5, tau=0.5, blocks=(3,), variant="infonce_l2", group_size=16):
         if variant not in VARIANTS:

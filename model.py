@@ -89,7 +89,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, C // self.heads)     # (B, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                                 # each (B, H, T, Dh)
-        # SDPA picks a fused kernel for the device (flash or memory-efficient on a GPU, its flash kernel on the CPU).
+        # SDPA picks a fused kernel: flash or memory-efficient on a GPU, its own flash kernel on the CPU.
         x = F.scaled_dot_product_attention(q, k, v)                          # (B, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
