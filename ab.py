@@ -52,7 +52,7 @@ import plots
 import probe
 import train
 from data import load_dataset
-from loss import VARIANTS
+from loss import USES_TAU, VARIANTS
 from objectives import OBJECTIVES
 from plots import DEFAULTS, arm_of, arm_order, read_log
 from rundir import PLUMBING, changed_flags, checkpoint_step, list_checkpoints
@@ -72,15 +72,27 @@ def swept(args):
 
 
 def sweep(args):
-    """train.py flags for each combination of the values given to ab.py's SWEPT flags."""
-    given = [[[flag, str(v)] for v in values] for flag, values in swept(args).items()]
-    return [sum(combo, []) for combo in itertools.product(*given)]
+    """train.py flags for each combination of the values given to ab.py's SWEPT flags. A variant
+    without a temperature takes no --disp-tau (train.py refuses it): its combinations leave tau
+    out, and the repeats that this makes are dropped."""
+    given = [[(flag, str(v)) for v in values] for flag, values in swept(args).items()]
+    combos, tau_free = [], []
+    for combo in itertools.product(*given):
+        variant = dict(combo).get("--disp-variant", DEFAULTS["disp_variant"])
+        if variant not in USES_TAU and "--disp-tau" in dict(combo):
+            combo = tuple(pair for pair in combo if pair[0] != "--disp-tau")
+            tau_free += [variant] if variant not in tau_free else []
+        if combo not in combos:
+            combos.append(combo)
+    if tau_free:
+        print(f"note: {', '.join(tau_free)} take(s) no temperature: those runs leave out --disp-tau", file=sys.stderr)
+    return [[part for pair in combo for part in pair] for combo in combos]
 
 
 def run_dir(root, targs, seed):
     """<root>/<arm>_s<seed> for train.py's arguments targs; the arm's name lists the settings that
-    differ from the paper's (plots.arm_of), so two combinations that train the same run (tau of
-    the hinge form, which has none; block 'last' and its number) share one directory."""
+    differ from the paper's (plots.arm_of), so two combinations that train the same run (block
+    'last' and its number) share one directory."""
     return os.path.join(root, f"{arm_of({'args': targs}, dir_name=True)}_s{seed}")
 
 
@@ -477,9 +489,10 @@ def main(argv=None):
         run_dirs = args.compare
     else:
         runs = {}                   # run directory: train.py flags but --out and --resume
+        combos = sweep(args)
         for seed in args.seeds:
             for arm in arms:
-                for settings in ([[]] if arm == "baseline" else sweep(args)):
+                for settings in ([[]] if arm == "baseline" else combos):
                     argv = [*train_args, *settings, *ARMS[arm], "--steps", str(args.steps), "--seed", str(seed)]
                     targs = vars(train.get_args(argv))
                     out = run_dir(args.root, targs, seed)

@@ -87,6 +87,7 @@ def pair_up(x):
 class PairedContrastive(FlowMatching):
     """Flow matching on two views of each image + lambda * the contrastive loss of --disp-variant."""
     views = 2
+    min_group = 4           # two images' pairs: one image's pair alone has no negative
 
     def __init__(self, reg, null_label=None, p_uncond=0.1, same_t=True):
         super().__init__(reg, null_label, p_uncond)

@@ -240,6 +240,7 @@ class FlowMatching:
     model_class = DiT                      # the network it trains
     views = 1                              # forward passes per image: --batch-size counts passes, so a
                                            # batch holds batch_size // views images (contrastive.py: 2)
+    min_group = 1                          # the fewest forward passes a group may hold (contrastive.py: 4)
     solvers = ("euler", "heun", "dopri5")  # sample.py's solvers that fit its model; the first is the default
     solver_fns = {}                        # solvers of its own, by name (MeanFlow's jumps, DDIM)
     sample_steps = 50                      # default solver steps

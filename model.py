@@ -146,6 +146,11 @@ class DiT(nn.Module):
     def __init__(self, image_size=32, in_channels=3, patch=2, hidden=384, depth=12, heads=6,
                  mlp_ratio=4.0, num_classes=10):
         super().__init__()
+        # a checkpoint's hand-edited model_config gets a ValueError here, not a traceback from deep in torch
+        if any(type(v) is not int for v in (image_size, in_channels, num_classes)) \
+                or min(image_size, in_channels) < 1 or num_classes < 0:
+            raise ValueError(f"image_size {image_size!r} and in_channels {in_channels!r} must be integers >= 1, "
+                             f"num_classes {num_classes!r} an integer >= 0")
         if image_size % patch:
             raise ValueError(f"image size {image_size} is not divisible by the patch size {patch}")
         self.image_size, self.in_channels, self.patch = image_size, in_channels, patch

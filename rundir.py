@@ -28,6 +28,7 @@ try:
 except ImportError:
     fcntl = None
 
+from loss import USES_TAU, parse_blocks
 from utils import UserError, all_reduce, atomic_output, first_line, writable_dir
 
 CKPT_RE = re.compile(r"step_(\d+)\.pt$")
@@ -44,10 +45,24 @@ FID_MEASURE = ("sample_solver", "sample_steps", "sample_cfg", "fid_samples", "fi
                "inception_weights")
 
 
-def changed_flags(saved, now):
+def changed_flags(saved, now, depth=None):
     """The train.py arguments (names) of a saved run that another set, now, gives other values,
-    the plumbing aside: both are dicts of train.py's arguments."""
-    return [k for k, v in saved.items() if k not in PLUMBING and now.get(k, v) != v]
+    the plumbing aside: both are dicts of train.py's arguments. Two values that train the same
+    run are no change: --disp-block's, given the model's depth, compared as the blocks they name
+    (unset and 1 on 4 blocks), and --disp-tau's for a variant without a temperature (runs from
+    before train.py refused that flag there)."""
+    variant = saved.get("disp_variant", "infonce_l2")
+    tau_free = variant not in USES_TAU and now.get("disp_variant", variant) == variant
+
+    def same(k, a, b):
+        if k == "disp_block" and depth is not None:
+            blocks = lambda spec: parse_blocks(None if spec is None else str(spec), depth)
+            try:
+                return blocks(a) == blocks(b)
+            except UserError:       # a hand-edited value: compared as it is
+                pass
+        return (k == "disp_tau" and tau_free) or a == b
+    return [k for k, v in saved.items() if k not in PLUMBING and not same(k, v, now.get(k, v))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,8 +80,8 @@ def save_atomic(obj, path):
 # load_checkpoint requires 'model' and 'model_config'; sample.py samples 'ema' unless --raw-weights;
 # --resume needs the rest.
 ENTRY_TYPES = {"model": dict, "model_config": dict, "ema": dict, "opt": dict, "step": int, "rng": dict,
-               "args": dict, "world_size": int}
-LEAST = {"step": 0, "world_size": 1}
+               "args": dict, "world_size": int, "classes": list, "data_size": int}
+LEAST = {"step": 0, "world_size": 1, "data_size": 0}
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -94,7 +109,7 @@ def load_checkpoint(path, map_location="cpu"):
         if value is None:
             continue
         if not isinstance(value, kind) or (least is not None and value < least):
-            wanted = "a dict" if least is None else f"an int >= {least}"
+            wanted = f"a {kind.__name__}" if least is None else f"an int >= {least}"
             raise UserError(f"checkpoint {path!r} is not as train.py writes it: its {key!r} is {type(value).__name__} "
                             f"{repr(value)[:60]}, not {wanted}")
     return ckpt
@@ -265,9 +280,10 @@ def create(out, new_log, main_proc, seen=None):
         raise UserError(f"cannot write to --out {out!r}: {e.strerror}" + (f" ({e.filename})" if e.filename else "")) from None
 
 
-def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1):
+def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1, data=None):
     """Load a checkpoint into model, EMA and optimiser (created before, unlike the released code)
-    and the CPU random state. Refuses a checkpoint of another model; warns about changed flags.
+    and the CPU random state. Refuses a checkpoint of another model, or one whose weights or
+    optimiser state could not go on training; warns about changed flags and other data.
     Returns the step to continue from."""
     saved = {"objective": "flow", **ckpt["model_config"]}     # checkpoints from before MeanFlow
     for k, v in model_config.items():
@@ -289,13 +305,16 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
                             f"{detail[:300]}") from None
     for group, own_settings in zip(opt.param_groups, settings):
         group.update(own_settings)
+    check_trainable(path, model, ema, opt)
     step = ckpt["step"]
     if main_proc:
         print(f"resumed from {path} at step {step}")
-        changed = changed_flags(ckpt["args"], vars(args))
+        changed = changed_flags(ckpt["args"], vars(args), model.depth)
         if changed:
             print(f"warning: resuming with changed {', '.join('--' + k.replace('_', '-') for k in changed)}: "
                   f"the run will not match an uninterrupted one", file=sys.stderr)
+        if data is not None:
+            warn_if_other_data(ckpt, data)
         saved_args = ckpt["args"]
         if args.fid_every and saved_args.get("fid_every"):      # a periodic FID before and after
             shown = lambda v: "unset" if v is None else v               # None: the objective's solver / steps
@@ -322,6 +341,54 @@ def restore(ckpt, path, model, ema, opt, model_config, args, main_proc, world=1)
     return step
 
 
+def moments(opt):
+    """(parameter number, name, tensor, parameter) for each of AdamW's per-parameter moments."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return [(i, name, value, p) for i, p in enumerate(params) for name, value in opt.state.get(p, {}).items()
+            if torch.is_tensor(value) and value.dim() > 0]      # not the step count
+
+
+def not_finite(model, ema, opt):
+    """What of the training state holds a NaN or inf ('model' weights, 'ema' weights, 'opt' exp_avg
+    of parameter 3), or None. Checked before every checkpoint and after --resume loads one."""
+    for key, module in (("model", model), ("ema", ema)):
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            return f"{key!r} weights"
+    for i, name, value, _ in moments(opt):
+        if not torch.isfinite(value).all():
+            return f"'opt' {name} of parameter {i}"
+    return None
+
+
+def check_trainable(path, model, ema, opt):
+    """After loading: weights and AdamW moments that training could go on from. A NaN in the EMA
+    would be saved again at every checkpoint; a moment of another shape would fail inside AdamW's
+    first step, after the run directory was set up."""
+    for i, name, value, p in moments(opt):
+        if value.shape != p.shape:
+            raise UserError(f"checkpoint {path!r} cannot continue this run: its 'opt' holds {name} of shape "
+                            f"{tuple(value.shape)} for parameter {i}, of shape {tuple(p.shape)}")
+    bad = not_finite(model, ema, opt)
+    if bad:
+        raise UserError(f"checkpoint {path!r} cannot continue this run: NaN or inf in its {bad}")
+
+
+def warn_if_other_data(ckpt, data):
+    """--data-path is plumbing (a data set moved elsewhere resumes without a warning), so the
+    checkpoint records what it trained on, the number of samples and the class names, and
+    other data draws a warning (older checkpoints recorded no size: it is not compared)."""
+    size, classes = ckpt.get("data_size"), ckpt.get("classes")
+    differ = [f"{len(data)} samples, not {size}"] if size is not None and size != len(data) else []
+    if classes is not None and list(classes) != list(data.classes):
+        first = next((i for i, (a, b) in enumerate(zip(classes, data.classes)) if a != b),
+                     min(len(classes), len(data.classes)))
+        shown = lambda names: repr(names[first]) if first < len(names) else "none"
+        differ.append(f"class {first} is {shown(data.classes)}, not {shown(classes)}")
+    if differ:
+        print(f"warning: resuming on other data ({'; '.join(differ)}): the run will not match an uninterrupted one",
+              file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------
 # The metrics log, signals, and the non-finite guard
 # ----------------------------------------------------------------------------------------
@@ -333,17 +400,38 @@ class Logger:
     def __init__(self, path, enabled, keep_until_step=None):
         self.enabled, self.path = enabled, path
         if enabled and keep_until_step is not None and os.path.exists(path):
-            with open(path) as f:
-                lines = [l for l in f if self._keep(l, keep_until_step)]
-            with atomic_output(path, f"the log {path!r}", mode="w") as f:
-                f.writelines(lines)
+            lines = self._read()
+            kept = [raw for raw, record in lines if record is not None and record.get("step", 0) <= keep_until_step]
+            # a last line torn by a kill in mid-write (no newline) is expected; other lines that are
+            # not train.py's records (hand-edited, or another program's) are dropped with a word
+            torn = lines and not lines[-1][0].endswith(b"\n")
+            foreign = sum(record is None for _, record in (lines[:-1] if torn else lines))
+            if foreign:
+                print(f"warning: {path!r}: dropping {foreign} line(s) that are not train.py's records "
+                      f"(JSON objects with a numeric step)", file=sys.stderr)
+            with atomic_output(path, f"the log {path!r}", mode="wb") as f:
+                f.writelines(raw if raw.endswith(b"\n") else raw + b"\n" for raw in kept)
 
-    @staticmethod
-    def _keep(line, until):
-        try:
-            return json.loads(line).get("step", 0) <= until
-        except ValueError:        # a line torn by a kill in mid-write
-            return False
+    def _read(self):
+        """[(the line as bytes, its record or None)]: None for a line that is not a JSON object
+        with a numeric step (torn, not UTF-8, another program's)."""
+        with open(self.path, "rb") as f:
+            lines = f.readlines()
+        parsed = []
+        for raw in lines:
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except ValueError:          # UnicodeDecodeError is a ValueError too
+                record = None
+            step = record.get("step", 0) if isinstance(record, dict) else None
+            ok = isinstance(step, (int, float)) and not isinstance(step, bool)
+            parsed.append((raw, record if ok else None))
+        return parsed
+
+    def holds(self, **fields):
+        """Whether the log has a record with these fields (e.g. type="fid", step=2000)."""
+        return os.path.exists(self.path) and any(
+            record is not None and all(record.get(k) == v for k, v in fields.items()) for _, record in self._read())
 
     def __call__(self, **record):
         if self.enabled:

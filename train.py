@@ -23,11 +23,11 @@ from tqdm import tqdm
 import fid
 import rundir
 from data import DATASETS, Batches, load_dataset
-from loss import VARIANTS, block_stats, dispersive_loss
+from loss import USES_TAU, VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import SOLVERS, Stopped, generate, grid_labels, sampler, save_grid
-from utils import (HelpFormatter, UserError, autocast, describe_device, init_distributed, mean_over_gpus,
+from utils import (HelpFormatter, UserError, all_reduce, autocast, describe_device, init_distributed, mean_over_gpus,
                    number, rank0_first, run_main)
 
 
@@ -38,7 +38,7 @@ def get_args(argv=None):
                              "defaults are not all the paper's: README.md's table says which differ")
     g.add_argument("--disp-weight", type=number(float, min=0), default=0.5, help="lambda; 0 trains the baseline")
     g.add_argument("--disp-tau", type=number(float, above=0), default=0.5,
-                   help="temperature tau of the InfoNCE forms (hinge and covariance have none)")
+                   help="temperature tau of the InfoNCE forms (hinge and covariance have none: refused there)")
     g.add_argument("--disp-block", default=None, help="block(s) to regularise, counted from 1: N, N,M,..., 'last' or "
                    "'all' (default: depth // 4, the paper's; the released PyTorch code used 'last')")
     g.add_argument("--disp-variant", default="infonce_l2", choices=VARIANTS, help="form of the loss (covariance's "
@@ -117,6 +117,8 @@ def refuse_ignored_flags(args, p, own_flags):
         changed = [a.option_strings[0] for a in actions if name != args.objective and getattr(args, a.dest) != a.default]
         if changed:
             raise UserError(f"{', '.join(changed)}: flags of --objective {name}, not of {args.objective}")
+    if args.disp_variant not in USES_TAU and args.disp_tau != p.get_default("disp_tau"):
+        raise UserError(f"--disp-tau: the {args.disp_variant} variant has no temperature")
     if args.image_size is not None and args.data not in ("folder", "latents"):
         raise UserError("--image-size: only --data folder (and latents) take it")
     if args.unconditional and args.sample_cfg != 1:
@@ -160,7 +162,11 @@ def build(args, data, device, world=1):
         where = "micro-batch" if accum > 1 else "batch"
         raise UserError(f"--disp-group-size {reg.group_size} does not divide the {where} of {local} per process; "
                         f"choose a divisor of it, or 0 for the whole {where}")
-    if reg.weight > 0 and (reg.group_size or local) == 1:
+    group = reg.group_size or local
+    if reg.weight > 0 and group < objective.min_group:     # e.g. --disp-group-size 0 with a small micro-batch
+        raise UserError(f"--objective {args.objective} needs groups of at least {objective.min_group} forward passes; "
+                        f"these hold {group}: a larger --disp-group-size, batch, or fewer --accum-steps")
+    if reg.weight > 0 and group == 1:
         print("warning: the dispersive loss of 1 sample is constant (0) and does nothing", file=sys.stderr)
     return model, ema, opt, objective
 
@@ -264,7 +270,8 @@ def main(argv=None):
     reg, views = objective.reg, objective.views
     model_config = {"name": args.model, "image_size": data.shape[1], "in_channels": data.shape[0],
                     "num_classes": model.num_classes, "objective": args.objective}
-    start = rundir.restore(ckpt, resume_path, model, ema, opt, model_config, args, main_proc, world) if ckpt else 0
+    start = 0 if ckpt is None else rundir.restore(ckpt, resume_path, model, ema, opt, model_config, args, main_proc,
+                                                  world, data)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
         net = torch.compile(net)
@@ -287,14 +294,54 @@ def main(argv=None):
             versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda})
 
     def save(step):
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise UserError(f"weights are not finite at step {step}; not saving (earlier checkpoints are intact)")
+        bad = rundir.not_finite(model, ema, opt)
+        if bad:
+            raise UserError(f"NaN or inf in the {bad} at step {step}; not saving (earlier checkpoints are intact)")
         if main_proc:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "args": vars(args), "model_config": model_config, "classes": data.classes, "world_size": world,
+                     "args": vars(args), "model_config": model_config, "world_size": world,
+                     "classes": data.classes, "data_size": len(data),     # --resume checks it is the same data
                      "vae": data.vae,      # latent sets: the VAE that decodes samples
                      "rng": {"torch": torch.get_rng_state()}, "versions": {"torch": str(torch.__version__)}}
             return rundir.save_checkpoint(args.out, step, state, args.keep_ckpts)
+
+    grid_path = lambda step: os.path.join(args.out, "samples", f"step_{step:07d}.png")
+
+    def draw_grid(step):
+        """The EMA model's sample grid at this step. Every grid starts from the same noise (the
+        run's seed), so grids of successive steps show the same images as training shapes them.
+        A signal cuts it short (it raises Stopped)."""
+        n = (min(model.num_classes, 16) if model.num_classes else 8) * 8
+        imgs = generate(ema.eval(), grid_labels(model.num_classes, n).to(device), solver, sample_steps,
+                        cfg_scale=args.sample_cfg, generator=torch.Generator(device).manual_seed(args.seed),
+                        decode=decode, stop=stop)
+        save_grid(imgs, grid_path(step), n // 8)
+
+    def measure_fid(step):
+        """The periodic FID of the EMA model, logged; False when a signal cut it short (all ranks agree)."""
+        result = fid_eval(ema.eval(), args.objective, args.seed, stop)
+        if result:
+            log(type="fid", step=step, **result)
+        return result is not None
+
+    def redo_cut_short(step):
+        """A signal that cut short the grid or the FID of a step saves that step's checkpoint without
+        them, and the run resumed from it would never make them: the step's grid and FID are made
+        now, if due (by this run's flags) and missing. False when a signal cuts them short again."""
+        grid_missing = main_proc and args.sample_every and step % args.sample_every == 0 \
+            and not os.path.exists(grid_path(step))
+        if grid_missing:
+            with contextlib.suppress(Stopped):
+                draw_grid(step)
+        if rundir.agree_to_stop(stop, device):      # under DDP, with every rank
+            return False
+        if fid_eval is None or not fid_eval.due(step):
+            return True
+        # rank 0 reads the log; every rank samples a share of the FID, so all must agree
+        missing = torch.tensor([main_proc and not log.holds(type="fid", step=step)], device=device, dtype=torch.int)
+        if all_reduce(missing, "max").item():
+            return measure_fid(step)
+        return True
 
     # --- the loop ------------------------------------------------------------------------
     guard = rundir.NonFiniteGuard(("flow", "disp"), device)
@@ -302,7 +349,13 @@ def main(argv=None):
     net.train()
     with rundir.stop_on_signals() as stop, \
             tqdm(total=args.steps, initial=start, disable=not main_proc, dynamic_ncols=True) as pbar:
-        for step in range(start, args.steps):
+        todo = range(start, args.steps)
+        if own and not redo_cut_short(start):
+            todo = ()       # stopped again: the checkpoint of step `start` is on disk already
+            if main_proc:
+                pbar.close()
+                print(f"stopped by {stop['signal']} at step {start}, before training on; continue with --resume")
+        for step in todo:
             done = step + 1
             log_now = done % args.log_every == 0 or done == args.steps
             # the step: loss terms, backward, AdamW, EMA (ramped up early on)
@@ -327,22 +380,9 @@ def main(argv=None):
 
             # samples and evaluations of the EMA model
             if main_proc and args.sample_every and done % args.sample_every == 0:
-                n = (min(model.num_classes, 16) if model.num_classes else 8) * 8
-                # every grid starts from the same noise (the run's seed), so grids of successive
-                # steps show the same images as training shapes them
-                try:        # a signal to this process cuts the grid short, so that the checkpoint comes first
-                    imgs = generate(ema.eval(), grid_labels(model.num_classes, n).to(device), solver, sample_steps,
-                                    cfg_scale=args.sample_cfg, generator=torch.Generator(device).manual_seed(args.seed),
-                                    decode=decode, stop=stop)
-                    save_grid(imgs, os.path.join(args.out, "samples", f"step_{done:07d}.png"), n // 8)
-                except Stopped:
-                    pass
-            fid_cut = False
-            if fid_eval is not None and fid_eval.due(done):
-                result = fid_eval(ema.eval(), args.objective, args.seed, stop)
-                fid_cut = result is None        # cut short by a signal, which all ranks agreed on
-                if result:
-                    log(type="fid", step=done, **result)
+                with contextlib.suppress(Stopped):      # the checkpoint below comes first
+                    draw_grid(done)
+            fid_cut = fid_eval is not None and fid_eval.due(done) and not measure_fid(done)
 
             # checkpoints, and a clean stop on SIGINT / SIGTERM. Under DDP the ranks agree only at log
             # steps (a round trip through every GPU each step would stall the pipeline); one process

@@ -403,7 +403,9 @@ def test_ab_sweeps_the_papers_settings(image_folder, tmp_path, capsys):
     rows = ab.main(["--steps", "2", "--seeds", "0", "--disp-variant", "infonce_l2", "hinge", "--disp-tau", "0.5", "1",
                     "--disp-block", "1", "last", "--root", str(root), *probe_args, "--", *targs])
     runs = {p.name: read_jsonl(p / "metrics.jsonl")[0] for p in root.iterdir() if p.is_dir()}
-    # hinge has no tau: its two taus are one run; DiT-Mi/4 has 4 blocks, the default is block 1
+    # hinge has no tau (train.py refuses --disp-tau there): its two taus are one run, without the flag;
+    # DiT-Mi/4 has 4 blocks, the default is block 1
+    assert "note: hinge take(s) no temperature: those runs leave out --disp-tau" in capsys.readouterr().err
     assert sorted(runs) == ["baseline_s0", "dispersive_b4_s0", "dispersive_hinge_b4_s0", "dispersive_hinge_s0",
                             "dispersive_s0", "dispersive_tau1_b4_s0", "dispersive_tau1_s0"]
     assert runs["baseline_s0"]["args"]["disp_weight"] == 0 and runs["baseline_s0"]["args"]["disp_variant"] == "infonce_l2"

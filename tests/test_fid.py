@@ -346,7 +346,7 @@ def test_periodic_fid_under_torchrun_is_that_of_one_process(folder_and_classifie
 
 def test_a_signal_skips_the_periodic_fid_for_the_checkpoint(folder_and_classifier, tmp_path, monkeypatch):
     """SIGTERM during step 2, whose FID is due: no minutes of sampling first; the checkpoint at
-    once (a scheduler's grace period is short), and no FID line."""
+    once (a scheduler's grace period is short), and no FID line. The resumed run measures it."""
     import os
     import signal
     root, images, clf = folder_and_classifier
@@ -365,6 +365,12 @@ def test_a_signal_skips_the_periodic_fid_for_the_checkpoint(folder_and_classifie
     recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert not [r for r in recs if r["type"] == "fid"] and recs[-1]["step"] == 2
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["step_0000002.pt"]
+    # resumed, the run first measures the FID of step 2 that the signal cut short: the curve has no gap
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(tiny_args(images, tmp_path / "run", "--steps", "4", "--fid-every", "2", "--fid-samples", "6",
+                         "--fid-extractor", clf, "--sample-steps", "2", "--resume"))
+    recs = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] in ("fid", "train")]
+    assert [(r["type"], r["step"]) for r in recs] == [("train", 2), ("fid", 2), ("train", 4), ("fid", 4)]
 
 
 def test_bad_inputs_are_one_line(tmp_path):

@@ -4,6 +4,7 @@ import glob
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,8 @@ def test_checkpoints_that_describe_no_model_or_hold_broken_weights(image_folder,
     edits = {"unknown model 'DiT-Zz/4'": lambda c: c["model_config"].update(name="DiT-Zz/4"),
              "KeyError: 'image_size'": lambda c: c["model_config"].pop("image_size"),
              "image size 30 is not divisible": lambda c: c["model_config"].update(image_size=30),
+             r"image_size -16 and in_channels 3 must be integers >= 1": lambda c: c["model_config"].update(image_size=-16),
+             r"image_size 16 and in_channels 3.0 must be": lambda c: c["model_config"].update(in_channels=3.0),
              "size mismatch for y_embed.table.weight": lambda c: c["model_config"].update(num_classes=5),
              "'ema' weights are not all finite": lambda c: c["ema"].update(
                  {k: v * float("nan") for k, v in c["ema"].items()})}
@@ -209,14 +212,14 @@ def test_hand_edited_training_entries_are_one_line(image_folder, tmp_path, capsy
     train.main(tiny_args(image_folder, out, "--steps", "2"))
     path = list_checkpoints(out)[0]
     at_load = {"model_config": ["DiT-Mi/4", 16], "step": "2", "rng": [1, 2], "args": [1], "opt": "x",
-               "ema": [1], "world_size": "2"}
+               "ema": [1], "world_size": "2", "classes": 5}
     for key, value in at_load.items():
         ck = load_checkpoint(path)
         ck[key] = value
         torch.save(ck, tmp_path / "edited.pt")
         with pytest.raises(UserError, match=f"its '{key}' is {type(value).__name__} .*, not a"):
             load_checkpoint(str(tmp_path / "edited.pt"))
-    for key, value, least in (("step", -1, 0), ("world_size", 0, 1)):
+    for key, value, least in (("step", -1, 0), ("world_size", 0, 1), ("data_size", -1, 0)):
         ck = load_checkpoint(path)
         ck[key] = value
         torch.save(ck, tmp_path / "edited.pt")
@@ -229,17 +232,27 @@ def test_hand_edited_training_entries_are_one_line(image_folder, tmp_path, capsy
     assert sample.load_model(str(tmp_path / "slim.pt"))[0].get("opt") is None
     with pytest.raises(UserError, match="has no opt: it cannot continue a training run"):
         train.main(tiny_args(image_folder, tmp_path / "other", "--steps", "4", "--resume", str(tmp_path / "slim.pt")))
-    at_resume = {"'rng': RuntimeError Expected a CPUGeneratorImplState of size": lambda c: c["rng"].update(torch=torch.zeros(10, dtype=torch.uint8)),
-                 "'rng': TypeError RNG state must be a torch.ByteTensor": lambda c: c["rng"].update(torch=torch.zeros(5056)),
-                 "'opt': ValueError loaded state dict has a different number of parameter groups": lambda c: c["opt"].update(param_groups=[]),
-                 "'ema': RuntimeError .*Missing key.*patch_embed.weight": lambda c: c["ema"].pop("patch_embed.weight")}
+    at_resume = {"its 'rng': RuntimeError Expected a CPUGeneratorImplState of size": lambda c: c["rng"].update(torch=torch.zeros(10, dtype=torch.uint8)),
+                 "its 'rng': TypeError RNG state must be a torch.ByteTensor": lambda c: c["rng"].update(torch=torch.zeros(5056)),
+                 "its 'opt': ValueError loaded state dict has a different number of parameter groups": lambda c: c["opt"].update(param_groups=[]),
+                 "its 'ema': RuntimeError .*Missing key.*patch_embed.weight": lambda c: c["ema"].pop("patch_embed.weight"),
+                 # weights that would be saved again at every checkpoint, moments that AdamW's step would fail on
+                 "NaN or inf in its 'ema' weights": lambda c: c["ema"]["final.linear.bias"].fill_(float("nan")),
+                 r"its 'opt' holds exp_avg of shape \(3,\) for parameter 0, of shape \(128, 3, 4, 4\)":
+                     lambda c: c["opt"]["state"][0].update(exp_avg=torch.zeros(3)),
+                 "NaN or inf in its 'opt' exp_avg_sq of parameter 1":
+                     lambda c: c["opt"]["state"][1]["exp_avg_sq"].fill_(float("inf"))}
     original = load_checkpoint(path)
     for message, edit in at_resume.items():
         ck = load_checkpoint(path)
         edit(ck)
         torch.save(ck, path)
-        with pytest.raises(UserError, match=f"checkpoint .* cannot continue this run: its {message}"):
+        with pytest.raises(UserError, match=f"checkpoint .* cannot continue this run: {message}"):
             train.main(tiny_args(image_folder, out, "--steps", "4", "--resume", path))
+        # ... refused before anything was written: not into a new run directory either
+        with pytest.raises(UserError, match=f"checkpoint .* cannot continue this run: {message}"):
+            train.main(tiny_args(image_folder, tmp_path / "fork", "--steps", "4", "--resume", path))
+        assert not (tmp_path / "fork").exists()
         torch.save(original, path)
     # a hand-edited value inside its args is a changed flag, not a TypeError (here with --disp-group-size 0,
     # whose warning compares the saved batch with this run's)
@@ -309,6 +322,121 @@ def test_a_run_that_trained_into_out_while_this_one_started_is_not_overwritten(i
     assert [os.path.basename(p) for p in list_checkpoints(out)] == ["step_0000002.pt"]
     assert load_checkpoint(list_checkpoints(out)[0])["args"]["seed"] == 7
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == [2]
+
+
+def test_resume_drops_log_lines_that_are_not_records_with_a_warning(image_folder, tmp_path, capsys):
+    """A hand-edited log (a JSON list, a step that is a string, bytes that are not UTF-8) resumes:
+    those lines are dropped from the trimmed log, with a word; a torn last line silently."""
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n{"type": "note", "step": "2"}\n\xff\xfe not text\n{"type": "note"}\n{"type": "tr')
+    capsys.readouterr()
+    train.main(tiny_args(image_folder, out, "--steps", "4", "--resume"))
+    assert "metrics.jsonl': dropping 3 line(s) that are not train.py's records" in capsys.readouterr().err
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["type"] for r in records] == ["config", "train", "note", "config", "train"]   # a record without a step stays
+    assert [r["step"] for r in records if r["type"] == "train"] == [2, 4]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write("[3]\n")                       # whole, though last: not a torn line
+    train.main(tiny_args(image_folder, out, "--steps", "6", "--resume"))
+    assert "dropping 1 line(s)" in capsys.readouterr().err
+    train.main(tiny_args(image_folder, out, "--steps", "8", "--resume"))     # a clean log: no warning
+    assert "dropping" not in capsys.readouterr().err
+
+
+def test_a_grid_cut_short_by_a_signal_is_drawn_when_the_run_resumes(image_folder, tmp_path, monkeypatch, capsys):
+    """SIGTERM during step 2, whose grid is due: the checkpoint of step 2 comes first, without the
+    grid; the resumed run draws it before training on. A signal during that grid stops the run
+    at once (the checkpoint of step 2 is on disk), and a later resume still draws it."""
+    out = tmp_path / "run"
+    real_step = train.train_step
+
+    def step_with_a_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)     # the handler only raises train.py's flag
+        return real_step(*args, **kwargs)
+    calls = []
+    monkeypatch.setattr(train, "train_step", step_with_a_signal)
+    flags = ["--sample-every", "2", "--sample-steps", "2", "--ckpt-every", "2", "--keep-ckpts", "0"]
+    train.main(tiny_args(image_folder, out, "--steps", "4", *flags))
+    assert [checkpoint_step(p) for p in list_checkpoints(out)] == [2] and os.listdir(out / "samples") == []
+    monkeypatch.setattr(train, "train_step", real_step)
+    real_generate = train.generate
+
+    def generate_with_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(train, "generate", generate_with_a_signal)
+    capsys.readouterr()
+    train.main(tiny_args(image_folder, out, "--steps", "4", *flags, "--resume"))
+    assert "stopped by SIGTERM at step 2, before training on" in capsys.readouterr().out
+    assert [checkpoint_step(p) for p in list_checkpoints(out)] == [2] and os.listdir(out / "samples") == []
+    monkeypatch.setattr(train, "generate", real_generate)
+    train.main(tiny_args(image_folder, out, "--steps", "4", *flags, "--resume"))
+    assert sorted(os.listdir(out / "samples")) == ["step_0000002.png", "step_0000004.png"]
+    assert [checkpoint_step(p) for p in list_checkpoints(out)] == [4, 2]
+
+
+def test_resume_on_other_data_warns(image_folder, tmp_path, capsys):
+    """--data-path is plumbing (a set moved elsewhere), so what the run trained on is checked by
+    the checkpoint's record of it: the number of samples and the class names."""
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.rename(image_folder, moved / "data")
+    capsys.readouterr()
+    train.main(tiny_args(moved / "data", out, "--steps", "3", "--resume"))
+    err = capsys.readouterr().err
+    assert "other data" not in err and "changed" not in err           # the same images elsewhere: no warning
+    more = make_image_folder(tmp_path / "more", per_class=9)
+    train.main(tiny_args(more, out, "--steps", "4", "--resume"))
+    assert "warning: resuming on other data (27 samples, not 24)" in capsys.readouterr().err
+    renamed = tmp_path / "renamed"
+    shutil.copytree(more, renamed)
+    os.rename(renamed / "class1", renamed / "dog")
+    train.main(tiny_args(renamed, out, "--steps", "5", "--resume"))
+    assert "resuming on other data (class 1 is 'class2', not 'class1')" in capsys.readouterr().err
+
+
+def test_resume_compares_the_regulariser_as_it_acts(image_folder, tmp_path, capsys):
+    """On DiT-Mi/4 (4 blocks) the default --disp-block is block 1: naming it is no change. Nor is
+    the tau of a hinge run from before train.py refused --disp-tau there, resumed without it."""
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "2"))
+    capsys.readouterr()
+    train.main(tiny_args(image_folder, out, "--steps", "3", "--resume", "--disp-block", "1"))
+    assert "resuming with changed" not in capsys.readouterr().err
+    train.main(tiny_args(image_folder, out, "--steps", "4", "--resume", "--disp-block", "1,2"))
+    assert "resuming with changed --disp-block" in capsys.readouterr().err
+    train.main(tiny_args(image_folder, tmp_path / "hinge", "--steps", "2", "--disp-variant", "hinge"))
+    path = list_checkpoints(tmp_path / "hinge")[0]
+    ck = load_checkpoint(path)
+    ck["args"]["disp_tau"] = 1.0
+    torch.save(ck, path)
+    capsys.readouterr()
+    train.main(tiny_args(image_folder, tmp_path / "hinge", "--steps", "3", "--disp-variant", "hinge", "--resume"))
+    assert "resuming with changed" not in capsys.readouterr().err
+    # the same checkpoint continued with infonce_l2: its tau of 1 now counts
+    train.main(tiny_args(image_folder, tmp_path / "infonce", "--steps", "3", "--resume", path))
+    assert "resuming with changed --disp-tau, --disp-variant" in capsys.readouterr().err
+
+
+def test_nothing_non_finite_is_saved_nor_resumed_from():
+    """rundir.not_finite, which save() and --resume ask: weights, EMA, and AdamW's moments (a
+    squared gradient can overflow to inf while the weights stay finite)."""
+    model = torch.nn.Linear(2, 2)
+    ema = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert rundir.not_finite(model, ema, opt) is None
+    opt.state[model.bias]["exp_avg_sq"][0] = float("inf")
+    assert rundir.not_finite(model, ema, opt) == "'opt' exp_avg_sq of parameter 1"
+    ema.weight.data[0, 0] = float("nan")
+    assert rundir.not_finite(model, ema, opt) == "'ema' weights"
 
 
 def test_resume_after_a_torn_log_line_and_from_the_run_directory(image_folder, tmp_path):
@@ -645,6 +773,8 @@ def test_mixed_grayscale_and_colour_becomes_rgb(tmp_path):
     (["--lr", "inf"], "--lr: must be a finite number >= 0, got inf"),
     (["--disp-tau", "0"], "--disp-tau: must be a finite number > 0, got 0"),
     (["--disp-tau", "x"], "--disp-tau: must be a finite number > 0, got 'x'"),
+    (["--disp-variant", "hinge", "--disp-tau", "1"], "--disp-tau: the hinge variant has no temperature"),
+    (["--disp-variant", "covariance", "--disp-tau", "2"], "--disp-tau: the covariance variant has no temperature"),
     (["--disp-group-size", "3"], "--disp-group-size 3 does not divide the batch of 8 per process"),
     (["--accum-steps", "3"], "--batch-size 8 does not split into 1 process(es) x 3 micro-batches (--accum-steps) x 1 view"),
     (["--accum-steps", "4"], "--disp-group-size 4 does not divide the micro-batch of 2 per process"),
