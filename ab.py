@@ -76,16 +76,17 @@ def sweep(args):
     without a temperature takes no --disp-tau (train.py refuses it): its combinations leave tau
     out, and the repeats that this makes are dropped."""
     given = [[(flag, str(v)) for v in values] for flag, values in swept(args).items()]
-    combos, tau_free = [], []
+    combos, tau_free = [], set()
     for combo in itertools.product(*given):
-        variant = dict(combo).get("--disp-variant", DEFAULTS["disp_variant"])
-        if variant not in USES_TAU and "--disp-tau" in dict(combo):
+        flags = dict(combo)
+        variant = flags.get("--disp-variant", DEFAULTS["disp_variant"])
+        if variant not in USES_TAU and "--disp-tau" in flags:
             combo = tuple(pair for pair in combo if pair[0] != "--disp-tau")
-            tau_free += [variant] if variant not in tau_free else []
+            tau_free.add(variant)
         if combo not in combos:
             combos.append(combo)
     if tau_free:
-        print(f"note: {', '.join(tau_free)} take(s) no temperature: those runs leave out --disp-tau", file=sys.stderr)
+        print(f"note: {', '.join(sorted(tau_free))} take(s) no temperature: those runs leave out --disp-tau", file=sys.stderr)
     return [[part for pair in combo for part in pair] for combo in combos]
 
 

@@ -101,9 +101,8 @@ class PairedContrastive(FlowMatching):
 
     @classmethod
     def from_args(cls, args, model, null_label):
-        if args.disp_group_size % 2 or args.disp_group_size == 2:
-            raise UserError(f"--disp-group-size {args.disp_group_size}: groups must hold whole pairs of views (even), "
-                            "of at least two images (one image's pair has no negative: InfoNCE is 0, hinge NaN)")
+        if args.disp_group_size % 2:        # too small a group (min_group) is train.build's to refuse
+            raise UserError(f"--disp-group-size {args.disp_group_size}: groups must hold whole pairs of views (even)")
         reg = Contrastive(args.disp_weight, args.disp_tau, Dispersive.from_args(args, model.depth).blocks,
                           args.disp_variant, args.disp_group_size)
         return cls(reg, null_label, args.p_uncond, same_t=args.pair_t == "same")

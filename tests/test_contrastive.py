@@ -108,7 +108,11 @@ def test_cli_trains_both_views(image_folder, tmp_path):
     with pytest.raises(Exception, match="even"):
         train.main(tiny_args(image_folder, tmp_path / "y", "--steps", "1", "--objective", "contrastive",
                              "--disp-group-size", "1"))
-    # whole-micro-batch groups (size 0) of one image's two views: refused before training, not at step 1
+    # one image's two views, as --disp-group-size 2 or as whole-micro-batch groups (size 0): refused
+    # before training, not at step 1
+    with pytest.raises(UserError, match="needs groups of at least 4 forward passes; these hold 2"):
+        train.main(tiny_args(image_folder, tmp_path / "z", "--steps", "1", "--objective", "contrastive",
+                             "--disp-group-size", "2"))
     with pytest.raises(UserError, match="needs groups of at least 4 forward passes; these hold 2"):
         train.main(tiny_args(image_folder, tmp_path / "z", "--steps", "1", "--objective", "contrastive",
                              "--disp-group-size", "0", "--accum-steps", "4"))
