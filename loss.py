@@ -25,8 +25,9 @@ from model import DiT
 from utils import UserError
 
 VARIANTS = ("infonce_l2", "infonce_cos", "hinge", "covariance")
-USES_TAU = ("infonce_l2", "infonce_cos")         # the variants whose value depends on tau (ab.py and
-                                                 # plots.py put tau in a run's name only for these)
+USES_TAU = ("infonce_l2", "infonce_cos")         # the variants whose value depends on tau (train.py
+                                                 # refuses --disp-tau for the others; ab.py and plots.py
+                                                 # name runs and sweep tau by it)
 
 
 # ----------------------------------------------------------------------------------------
@@ -40,10 +41,10 @@ def pairwise_sq_dists(z):
     (exactly 0) is set by hand and the rest clamped at 0. (The released code used F.pdist: a
     sqrt then a square, float32-only on CUDA and without tensor cores.)"""
     gram = z @ z.transpose(-1, -2)
-    # The norms come from G itself, not from a pass of their own over z (z * z, summed): one pass
-    # over the block output fewer, forward and backward. That cut the term's time by 41% on one
-    # CPU thread (S/2's block, batch 256: 434 -> 256 ms forward and backward; on a GPU not yet
-    # measured). Under TF32, the three terms now also share one rounding of z.
+    # The norms ||a||^2, ||b||^2 come from G itself, not from a pass of their own over z (z * z,
+    # summed): one pass over the block output fewer, forward and backward, 41% less time for the
+    # term on one CPU thread (S/2's block, batch 256). Under TF32 all three terms then share one
+    # rounding of z.
     sq = gram.diagonal(dim1=-2, dim2=-1)
     d2 = (sq[..., :, None] + sq[..., None, :] - 2.0 * gram).clamp_min(0.0)
     return d2 * (1.0 - torch.eye(z.shape[-2], device=z.device, dtype=z.dtype))

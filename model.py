@@ -136,7 +136,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     # The sin-cos frequencies of the time embedding (periods 2*pi .. 2*pi*10000) were designed
-    # for DDPM's integer steps 0..1000; t in [0, 1] would move only the fastest few of them (the
+    # for DDPM's integer steps 0..999; t in [0, 1] would move only the fastest few of them (the
     # rest would stay nearly constant), so it is scaled by 1000 first, as DiT's integer steps
     # are. SiT, the paper's flow model, feeds t in [0, 1] unscaled; the scaling is our choice, so
     # that one time embedding serves both objectives (the README's setup table lists it).

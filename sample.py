@@ -5,7 +5,7 @@
     python sample.py --ckpt ... --solver dopri5                                         # the paper's ODE sampler
 
 The .npz holds arr_0 (N, H, W, C) uint8 and arr_1 (N,) labels, the ADM / DiT convention
-that FID tools read. EMA weights are used unless --raw-weights is given. Checkpoints of the
+that FID tools read, and `protocol` (how they were sampled, as JSON). EMA weights are used unless --raw-weights is given. Checkpoints of the
 other objectives bring their own sampler (MeanFlow: 1 jump; DiT's diffusion: DDIM steps).
 """
 import argparse
@@ -248,7 +248,7 @@ def main(argv=None):
     a("--num-samples", type=number(int, min=1), default=None, help="number of images (default: 8 rows of the grid; "
       "with --class-labels, 8 of each label for a grid, one of each for an .npz)")
     a("--batch-size", type=number(int, min=1), default=256, help="images per forward pass")
-    a("--nrow", type=number(int, min=1), default=None, help="images per grid row (default: classes, at most 16)")
+    a("--nrow", type=number(int, min=1), default=None, help="images per grid row (default: the classes, or the --class-labels given, at most 16; 8 unconditional)")
     a("--out", default="samples.png", help=".png, .jpg or .jpeg for a grid, .npz for arr_0 uint8 NHWC + arr_1 labels")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--vae", default=None, help="latent checkpoints: the VAE that decodes them (default: the one recorded in the "

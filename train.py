@@ -27,8 +27,8 @@ from loss import USES_TAU, VARIANTS, block_stats, dispersive_loss
 from model import MODELS, build_model
 from objectives import OBJECTIVES
 from sample import SOLVERS, Stopped, generate, grid_labels, sampler, save_grid
-from utils import (HelpFormatter, UserError, all_reduce, autocast, describe_device, init_distributed, mean_over_gpus,
-                   number, rank0_first, run_main)
+from utils import (HelpFormatter, UserError, all_reduce, autocast, describe_device, git_commit, init_distributed,
+                   mean_over_gpus, number, rank0_first, run_main)
 
 
 def get_args(argv=None):
@@ -209,11 +209,8 @@ def train_step(net, model, ema, opt, objective, batch, lr, ema_decay, grad_clip,
     # --grad-clip binds, or would
     if grad_clip > 0:
         losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    else:
-        # the same norm as clip_grad_norm_ computes, in one kernel per dtype and device rather
-        # than one per tensor (torch._foreach_norm is what clip_grad_norm_ itself calls)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        losses["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    else:   # the same norm clip_grad_norm_ computes, without the clipping
+        losses["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     opt.step()
     with torch.no_grad():   # ema = decay * ema + (1 - decay) * w, all tensors in one kernel
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - ema_decay)
@@ -291,7 +288,8 @@ def main(argv=None):
         log(type="config", step=start, args=vars(args), model_config=model_config,
             params=sum(p.numel() for p in model.parameters()), disp_blocks=list(reg.blocks), world_size=world,
             resumed_from=resume_path, vae=data.vae, device=describe_device(device),
-            versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda})
+            versions={"torch": str(torch.__version__), "python": platform.python_version(), "cuda": torch.version.cuda,
+                      "git": git_commit()})
 
     def save(step):
         bad = rundir.not_finite(model, ema, opt)
@@ -345,7 +343,6 @@ def main(argv=None):
 
     # --- the loop ------------------------------------------------------------------------
     guard = rundir.NonFiniteGuard(("flow", "disp"), device)
-    t_last, step_last = time.perf_counter(), start
     net.train()
     with rundir.stop_on_signals() as stop, \
             tqdm(total=args.steps, initial=start, disable=not main_proc, dynamic_ncols=True) as pbar:
@@ -355,6 +352,7 @@ def main(argv=None):
             if main_proc:
                 pbar.close()
                 print(f"stopped by {stop['signal']} at step {start}, before training on; continue with --resume")
+        t_last, step_last = time.perf_counter(), start      # img_per_s: images per second of training
         for step in todo:
             done = step + 1
             log_now = done % args.log_every == 0 or done == args.steps
@@ -377,6 +375,7 @@ def main(argv=None):
                 log(type="train", step=done, **stats, lr=lr, img_per_s=ips)
                 pbar.set_postfix(flow=f"{stats['flow']:.4f}", disp=f"{stats['disp']:.4f}", img_s=f"{ips:.0f}")
             del losses      # under --compile it holds every block's output: free them before the next step
+            t_pause = time.perf_counter()       # grids, FID and checkpoints: img_per_s's clock skips them
 
             # samples and evaluations of the EMA model
             if main_proc and args.sample_every and done % args.sample_every == 0:
@@ -398,6 +397,7 @@ def main(argv=None):
                         pbar.close()
                         print(f"stopped by {stop['signal']} at step {done}; saved {path}; continue with --resume")
                     break
+            t_last += time.perf_counter() - t_pause
     rundir.release(args.out)
     if world > 1:
         torch.distributed.destroy_process_group()

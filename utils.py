@@ -1,10 +1,11 @@
 """Small shared pieces at the bottom of the import graph: one-line errors, flag types,
-devices, bf16 autocast and the few lines of multi-GPU set-up."""
+devices, the git commit, bf16 autocast and the few lines of multi-GPU set-up."""
 import argparse
 import contextlib
 import math
 import os
 import platform
+import subprocess
 import sys
 
 import torch
@@ -155,6 +156,22 @@ def describe_device(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit(path=None):
+    """The git commit of the code in `path` (this file's directory), '+dirty' when tracked files
+    differ from it; None outside a git checkout or without git. The config line of a run records
+    it, so that its numbers can be traced to the code that made them."""
+    git = lambda *a: subprocess.run(["git", "-C", path or os.path.dirname(os.path.abspath(__file__)), *a],
+                                    capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def autocast(device):

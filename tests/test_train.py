@@ -70,6 +70,7 @@ def test_smoke_train_checkpoint_resume_sample(image_folder, tmp_path):
     log = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in log if r["type"] == "train"] == [2, 4, 6]
     assert log[0]["type"] == "config" and "torch" in log[0]["versions"] and log[0]["device"]
+    assert "git" in log[0]["versions"]      # the commit (test_git_commit), or None outside a checkout
     for r in log:
         if r["type"] == "train":
             assert np.isfinite([r["flow"], r["disp"], r["img_per_s"], r["mean_sq_dist"]]).all()
@@ -83,6 +84,46 @@ def test_smoke_train_checkpoint_resume_sample(image_folder, tmp_path):
     npz = np.load(tmp_path / "s.npz")
     assert npz["arr_0"].shape == (7, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
     assert npz["arr_1"].tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_img_per_s_counts_training_time_only(image_folder, tmp_path, monkeypatch):
+    """img_per_s is the speed of training: the time a grid (or a FID, a checkpoint) takes is left
+    out of the next log line's rate. A fake clock ticks 1 s per reading, and a grid takes 1000 s
+    of it: 2 steps of 8 images per log line in a few ticks, not in over 1000."""
+    clock = [0.0]
+    def tick():
+        clock[0] += 1.0
+        return clock[0]
+    monkeypatch.setattr(train, "time", type("FakeTime", (), {"perf_counter": staticmethod(tick)}))
+    real_save_grid = train.save_grid
+    def slow_save_grid(*a, **k):
+        clock[0] += 1000.0
+        return real_save_grid(*a, **k)
+    monkeypatch.setattr(train, "save_grid", slow_save_grid)
+    out = tmp_path / "run"
+    train.main(tiny_args(image_folder, out, "--steps", "6", "--sample-every", "2", "--sample-steps", "1"))
+    assert sorted(os.listdir(out / "samples")) == ["step_0000002.png", "step_0000004.png", "step_0000006.png"]
+    rates = [r["img_per_s"] for r in train_log(out)]
+    assert len(rates) == 3 and min(rates) > 16 / 10, rates      # with the grids counted: 16 / 1000 and less
+
+
+def test_git_commit(tmp_path):
+    """The config line's versions["git"]: the checkout's commit, '+dirty' once a tracked file
+    changes, None outside a git checkout."""
+    from utils import git_commit
+    assert git_commit(str(tmp_path)) is None
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                                    check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert git_commit(str(tmp_path)) == head
+    (tmp_path / "untracked.txt").write_text("x")            # untracked files (run dirs, data) do not count
+    assert git_commit(str(tmp_path)) == head
+    (tmp_path / "f.txt").write_text("b")
+    assert git_commit(str(tmp_path)) == head + "+dirty"
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
